@@ -94,6 +94,41 @@ class DvcRepo:
         self.git("commit", "-q", "--allow-empty", "-m", message)
 
 
+def create_dvc_repo(
+    path: Path,
+    files: Iterable[str] = (),
+    remote_url: str | Path | None = None,
+    commit: bool = True,
+) -> DvcRepo:
+    """A fresh git+DVC repo at ``path`` with project ``files`` copied in (see ``make_dvc_repo``)."""
+    path.mkdir(parents=True)
+    env = dict(os.environ)
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.invalid",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.invalid",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
+    env.pop("MLFLOW_TRACKING_URI", None)
+    repo = DvcRepo(path, env)
+    repo.git("init", "-q")
+    repo.dvc("init", "-q")
+    for rel in files:
+        src, dst = ROOT / rel, path / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    if remote_url is not None:
+        repo.dvc("remote", "modify", "--local", DVC_REMOTE, "url", str(remote_url))
+    if commit:
+        repo.commit("initial")
+    return repo
+
+
 @pytest.fixture
 def make_dvc_repo(tmp_path: Path) -> Callable[..., DvcRepo]:
     """Factory: ``make_dvc_repo(files=(...), remote_url=None, name="repo", commit=True) -> DvcRepo``.
@@ -112,31 +147,6 @@ def make_dvc_repo(tmp_path: Path) -> Callable[..., DvcRepo]:
         name: str = "repo",
         commit: bool = True,
     ) -> DvcRepo:
-        path = tmp_path / name
-        path.mkdir(parents=True)
-        env = dict(os.environ)
-        env.update(
-            DVC_NO_ANALYTICS="1",
-            GIT_AUTHOR_NAME="test",
-            GIT_AUTHOR_EMAIL="test@example.invalid",
-            GIT_COMMITTER_NAME="test",
-            GIT_COMMITTER_EMAIL="test@example.invalid",
-            PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        )
-        repo = DvcRepo(path, env)
-        repo.git("init", "-q")
-        repo.dvc("init", "-q")
-        for rel in files:
-            src, dst = ROOT / rel, path / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_dir():
-                shutil.copytree(src, dst, dirs_exist_ok=True)
-            else:
-                shutil.copy2(src, dst)
-        if remote_url is not None:
-            repo.dvc("remote", "modify", "--local", DVC_REMOTE, "url", str(remote_url))
-        if commit:
-            repo.commit("initial")
-        return repo
+        return create_dvc_repo(tmp_path / name, files, remote_url, commit)
 
     return make

@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+import yaml
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 log = logging.getLogger(__name__)
@@ -398,6 +399,27 @@ def _summary(spec: DatasetSpec, entries: dict[str, str]) -> dict:
         "digest": manifest_digest(entries),
         "images": len(entries),
     }
+
+
+def data_source(dataset: str, root: Path) -> dict[str, str]:
+    """Where the archive was fetched from: the DVC import and the URL its remote resolves to on this machine."""
+    spec = dataset_spec(dataset)
+    dvc_file = Path(root) / spec.dvc_file
+    try:
+        dep = yaml.safe_load(dvc_file.read_text())["deps"][0]["path"]
+    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
+        return {"dvc_file": spec.dvc_file, "import": "unknown", "url": "unknown"}
+    url = dep
+    if dep.startswith("remote://"):
+        from dvc.config import Config
+
+        remote, _, rest = dep.removeprefix("remote://").partition("/")
+        try:
+            base = Config(str(Path(root) / ".dvc"))
+            url = f"{str(base['remote'][remote]['url']).rstrip('/')}/{rest}"
+        except Exception:  # no DVC config: report the import as recorded
+            url = dep
+    return {"dvc_file": spec.dvc_file, "import": dep, "url": url}
 
 
 def read_summary(prepared_dir: Path) -> dict:

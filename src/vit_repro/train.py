@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import tracking
 from .fsutil import staged_dir
 from .config import PAPER_IMAGENET_STEPS, PAPER_WARMUP_STEPS, RunConfig, TrainConfig, scaled_warmup_steps
-from .data import ImageTransform, load_split, make_loader, read_summary
+from .data import ImageTransform, data_source, load_split, make_loader, read_summary
 from .model import VisionTransformer, count_parameters, parse_model_name
 from .schedule import lr_at
 
@@ -386,7 +386,8 @@ def run(
             "config": config_json,
             "schedule": schedule,
             "model": inputs.info,
-            "data": {k: summary[k] for k in ("dataset", "digest", "classes", "counts")},
+            "data": {k: summary[k] for k in ("dataset", "digest", "classes", "counts")}
+            | {"source": data_source(summary["dataset"], root)},
             "pretrained": _pretrained_record(cfg, features_dir),
             "evaluation": evaluation,
             "provenance": provenance,

@@ -1,0 +1,112 @@
+"""The learning-rate schedule (``schedule.lr_at``) and the paper's warmup scaled to short runs.
+
+Expected values are computed by hand in the comments, never with the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vit_repro.config import PAPER_IMAGENET_STEPS, PAPER_WARMUP_FRACTION, PAPER_WARMUP_STEPS, TrainConfig, scaled_warmup_steps
+from vit_repro.schedule import lr_at
+
+BASE = 1e-3
+
+
+# ----------------------------------------------------------------------------- warmup
+
+@pytest.mark.parametrize("decay", ["none", "cosine", "linear"])
+def test_warmup_starts_at_zero_and_rises_linearly_to_base(decay):
+    total, warmup = 80, 9
+    assert lr_at(0, BASE, total, warmup, decay) == 0.0
+    rates = [lr_at(s, BASE, total, warmup, decay) for s in range(warmup + 1)]
+    # a straight line through (0, 0) and (9, base): every step adds base / 9
+    for s, lr in enumerate(rates):
+        assert lr == pytest.approx(BASE * s / warmup, rel=1e-12, abs=1e-18)
+    diffs = [b - a for a, b in zip(rates, rates[1:])]
+    assert all(d == pytest.approx(BASE / 9, rel=1e-9) for d in diffs)
+    # the full rate is reached exactly at warmup_steps, whatever the decay does afterwards
+    assert lr_at(warmup, BASE, total, warmup, decay) == pytest.approx(BASE)
+
+
+def test_hand_computed_warmup_value():
+    # base 1e-3, warmup 9 steps: step 4 -> 4/9 * 1e-3 = 4.444...e-4
+    assert lr_at(4, 1e-3, 80, 9, "cosine") == pytest.approx(4.0 / 9.0 * 1e-3, rel=1e-12)
+    assert lr_at(4, 1e-3, 80, 9, "cosine") == pytest.approx(4.4444444444e-4, rel=1e-9)
+
+
+def test_no_warmup_starts_at_full_rate():
+    for decay in ("none", "cosine", "linear"):
+        assert lr_at(0, BASE, 80, 0, decay) == pytest.approx(BASE)
+
+
+# ----------------------------------------------------------------------------- decay
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+@pytest.mark.parametrize("warmup", [0, 9])
+def test_decay_reaches_zero_at_total_steps_and_never_rises(decay, warmup):
+    total = 80
+    after = [lr_at(s, BASE, total, warmup, decay) for s in range(warmup, total + 1)]
+    assert after[0] == pytest.approx(BASE)
+    assert after[-1] == pytest.approx(0.0, abs=1e-15)  # 0 at total_steps
+    assert all(b <= a + 1e-18 for a, b in zip(after, after[1:])), "the rate rose during decay"
+    assert all(b < a for a, b in zip(after, after[1:])), "the rate stalled during decay"
+    # the last optimisation step (total - 1) still learns a little
+    assert 0 < lr_at(total - 1, BASE, total, warmup, decay) <= BASE / (total - warmup)  # linear: 1/span
+
+
+def test_cosine_and_linear_hand_computed():
+    # warmup 9, total 89 -> the decay spans 80 steps; step 49 is its halfway point (progress 0.5)
+    # cosine: 0.5 * (1 + cos(pi/2)) = 0.5; linear: 1 - 0.5 = 0.5
+    assert lr_at(49, 1e-3, 89, 9, "cosine") == pytest.approx(0.5e-3, rel=1e-12)
+    assert lr_at(49, 1e-3, 89, 9, "linear") == pytest.approx(0.5e-3, rel=1e-12)
+    # a quarter of the way (step 29, progress 0.25): cosine 0.5 * (1 + cos(pi/4)) = 0.853553..., linear 0.75
+    assert lr_at(29, 1e-3, 89, 9, "cosine") == pytest.approx(0.8535533906e-3, rel=1e-9)
+    assert lr_at(29, 1e-3, 89, 9, "linear") == pytest.approx(0.75e-3, rel=1e-12)
+    # total 80, warmup 9: the span is 71 steps, so step 79 has progress 70/71
+    # cosine: 0.5 * (1 + cos(70 pi / 71)) = 0.5 * (1 - cos(pi / 71)) = 4.8943e-4 of base
+    assert lr_at(79, 1e-3, 80, 9, "cosine") == pytest.approx(0.5 * (1 - math.cos(math.pi / 71)) * 1e-3, rel=1e-9)
+    assert lr_at(79, 1e-3, 80, 9, "linear") == pytest.approx(1e-3 / 71, rel=1e-9)
+
+
+def test_cosine_stays_above_linear_in_first_half_and_below_in_second():
+    total, warmup = 89, 9
+    for s in range(warmup + 1, 49):
+        assert lr_at(s, BASE, total, warmup, "cosine") > lr_at(s, BASE, total, warmup, "linear")
+    for s in range(50, total):
+        assert lr_at(s, BASE, total, warmup, "cosine") < lr_at(s, BASE, total, warmup, "linear")
+
+
+def test_none_is_constant_after_warmup():
+    assert {lr_at(s, BASE, 80, 0, "none") for s in range(81)} == {BASE}
+    assert {lr_at(s, BASE, 80, 9, "none") for s in range(9, 81)} == {BASE}
+
+
+def test_unknown_decay_is_rejected():
+    with pytest.raises(ValueError, match="unknown decay 'exponential'"):
+        lr_at(20, BASE, 80, 9, "exponential")
+
+
+# ----------------------------------------------------------------------------- warmup from the paper
+
+def test_paper_constants():
+    # 300 epochs of ImageNet-1k (1,281,167 images) at batch 4096: 384,350,100 / 4096 = 93,835.47 -> 93,835
+    assert PAPER_WARMUP_STEPS == 10_000
+    assert PAPER_IMAGENET_STEPS == 93_835
+    assert PAPER_WARMUP_FRACTION == pytest.approx(0.10657, abs=1e-5)
+
+
+def test_scaled_warmup_steps_for_80_steps():
+    # 8 batches of 32 (225 images) x 10 epochs = 80 steps; 0.10657 * 80 = 8.53 -> ceil -> 9
+    assert scaled_warmup_steps(TrainConfig(warmup=True), 80) == 9
+    assert scaled_warmup_steps(TrainConfig(warmup=True, warmup_fraction=0.107), 80) == 9  # params.yaml's value
+    # 0.10657 * 16 = 1.7 -> 2; 0.10657 * 1000 = 106.57 -> 107
+    assert scaled_warmup_steps(TrainConfig(warmup=True), 16) == 2
+    assert scaled_warmup_steps(TrainConfig(warmup=True), 1000) == 107
+
+
+def test_scaled_warmup_is_zero_without_warmup():
+    assert scaled_warmup_steps(TrainConfig(warmup=False), 80) == 0
+    assert scaled_warmup_steps(TrainConfig(warmup=True, warmup_fraction=0.0), 80) == 0
