@@ -52,6 +52,7 @@ def cli_env(**extra: str) -> dict[str, str]:
     for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "VIT_REPRO_DEVICE"):
         env.pop(key, None)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["OMP_NUM_THREADS"] = "1"  # the CPU is shared: one thread per process avoids contention
     env.update(extra)
     return env
 
@@ -211,47 +212,31 @@ def test_recipe_file_must_be_a_mapping(tmp_path, repo_root):
 
 # ----------------------------------------------------------------------------- the command line
 
-BAD_CASES = {
-    "unknown-key": ({"train": {"lrr": 0.01}}, "train.lrr"),
-    "unknown-recipe": ({"study": {"recipes": ["baseline", "papr"]}}, "unknown recipe 'papr'"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_cli_check_rejects_bad_params(tmp_path, repo_root, case):
-    updates, expected = BAD_CASES[case]
-    bad = write_params(tmp_path, updates)
+def test_cli_check_rejects_bad_params(tmp_path, repo_root):
+    bad = write_params(tmp_path, {"train": {"lrr": 0.01}})
     proc = subprocess.run(
         [vit_repro(), "check", "--params", str(bad), "--experiments", str(repo_root / "experiments")],
-        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
-    assert expected in proc.stderr and proc.stderr.startswith("error: ")
-    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.startswith(f"error: invalid settings in {bad}") and "train.lrr: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
 
 
-def test_cli_check_accepts_repo_params(repo_root):
-    proc = subprocess.run([vit_repro(), "check"], cwd=repo_root, env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("30 runs valid: ")
-    assert "scratch-paper" in proc.stdout and "frozen-baseline" in proc.stdout
-
-
-@pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_cli_train_rejects_bad_params_before_training(tmp_path, repo_root, prepared_dir, case):
-    updates, expected = BAD_CASES[case]
+def test_cli_train_rejects_bad_params_before_training(tmp_path, repo_root, prepared_dir):
+    # the recipe being trained is fine; another recipe of the study is not: nothing may start
     project = tmp_path / "project"
     project.mkdir()
     shutil.copytree(repo_root / "experiments", project / "experiments")
-    write_params(project, updates)
+    bad = write_params(project / "bad.yaml", {"study": {"recipes": ["baseline", "papr"]}})
     proc = subprocess.run(
-        [vit_repro(), "train", "--backbone", "scratch", "--recipe", "baseline", "--seed", "0",
+        [vit_repro(), "train", "--params", str(bad), "--backbone", "scratch", "--recipe", "baseline", "--seed", "0",
          "--prepared", str(prepared_dir), "--cache", str(tmp_path / "cache"), "--no-progress"],
-        cwd=project, env=cli_env(), capture_output=True, text=True, timeout=120,
+        cwd=project, env=cli_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
-    assert expected in proc.stderr and "Traceback" not in proc.stderr
-    # nothing was started: no stage output, no MLflow store, no decoded-image cache
-    assert sorted(p.name for p in project.iterdir()) == ["experiments", "params.yaml"]
+    assert proc.stderr.startswith("error: unknown recipe 'papr'") and "Traceback" not in proc.stderr
+    # nothing was started: no stage output, no MLflow store, no checkpoint, no decoded-image cache
+    assert sorted(p.name for p in project.iterdir()) == ["bad.yaml", "experiments"]
     assert not (tmp_path / "cache").exists()

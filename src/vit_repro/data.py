@@ -36,6 +36,8 @@ import torch
 import yaml
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from .fsutil import replace_dir
+
 log = logging.getLogger(__name__)
 
 CLASSES = ("pizza", "steak", "sushi")
@@ -336,19 +338,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Move ``tmp`` to ``out_dir``; an existing ``out_dir`` is replaced whole, never merged."""
-    old = None
-    if out_dir.exists() or out_dir.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    try:
-        os.replace(tmp, out_dir)
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare(archive: Path, dataset: str, out_dir: Path, manifest: Path | None = None) -> dict:
     """Verify ``archive`` against the manifest and write the prepared dataset to ``out_dir``.
 
@@ -381,7 +370,7 @@ def prepare(archive: Path, dataset: str, out_dir: Path, manifest: Path | None = 
             _extract(zf, archive, images, entries, spec, tmp)
         summary = _summary(spec, entries)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        _swap_in(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -10,6 +10,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out_dir``; an existing ``out_dir`` is replaced whole, never merged."""
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    try:
+        os.replace(tmp, out_dir)
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def staged_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``out_dir`` to write into; it replaces ``out_dir`` only on success."""
@@ -21,6 +34,5 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    tmp.chmod(0o755)  # mkdtemp makes it private; outputs are not
+    replace_dir(tmp, out_dir)

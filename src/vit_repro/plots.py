@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.image import AxesImage  # noqa: E402
 
 
 def curves_figure(history_csv: Path, title: str) -> Figure:
@@ -29,20 +30,23 @@ def curves_figure(history_csv: Path, title: str) -> Figure:
     return fig
 
 
-def confusion_figure(matrix: list[list[int]], classes: list[str], title: str, ax: plt.Axes | None = None) -> Figure:
-    """Confusion matrix with counts in every cell (rows: true class, columns: predicted)."""
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    else:
-        fig = ax.figure
-    image = ax.imshow(matrix, cmap="Blues")
+def draw_confusion(ax: plt.Axes, matrix: list[list[int]], classes: list[str]) -> AxesImage:
+    """Confusion matrix with the count in every cell (rows: true class, columns: predicted)."""
     peak = max(max(row) for row in matrix) or 1
+    image = ax.imshow(matrix, cmap="Blues", vmin=0)
     for i, row in enumerate(matrix):
         for j, count in enumerate(row):
             ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
     ax.set_xticks(range(len(classes)), classes)
     ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set(xlabel="predicted", ylabel="true")
+    return image
+
+
+def confusion_figure(matrix: list[list[int]], classes: list[str], title: str) -> Figure:
+    """One run's test-set confusion matrix as a figure."""
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    fig.colorbar(draw_confusion(ax, matrix, classes), ax=ax, fraction=0.046)
+    ax.set_title(title)
     fig.tight_layout()
     return fig

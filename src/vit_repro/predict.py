@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .data import ImageTransform, load_image, pretrained_transform
+from .data import DataError, ImageTransform, load_image, pretrained_transform
 from .model import VisionTransformer, parse_model_name
 
 
@@ -39,7 +39,7 @@ class Predictor:
     def predict(self, path: Path) -> Prediction:
         try:
             image = load_image(Path(path), self.transform)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, DataError) as exc:
             raise PredictError(f"{path} is not a readable image ({exc}); pass JPEG or PNG files") from None
         logits = self.model(self.transform.normalize(image.unsqueeze(0)))
         probs = logits.float().softmax(1)[0].tolist()

@@ -27,6 +27,7 @@ from scipy import stats
 
 from . import paper
 from .config import Params
+from .plots import draw_confusion
 
 BACKBONES = ("scratch", "frozen")
 REFERENCE_RECIPE = "baseline"
@@ -833,13 +834,7 @@ def plot_confusion(study: Study, path: Path) -> Path:
         recipe, seed = best[backbone]
         ev = study.info[(backbone, recipe, seed)].get("evaluation") or {}
         cm, classes = np.asarray(ev.get("confusion_matrix", [[0]])), ev.get("classes", ["?"])
-        ax.imshow(cm, cmap="Blues", vmin=0)
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-        ax.set_xticks(range(len(classes)), classes)
-        ax.set_yticks(range(len(classes)), classes)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        draw_confusion(ax, cm.tolist(), classes)
         correct, total = int(np.trace(cm)), int(cm.sum())
         ax.set_title(f"{backbone_label(study, backbone, short=True)}\nbest: {recipe} seed {seed}, {correct}/{total}",
                      fontsize=9)
@@ -1098,9 +1093,15 @@ def section_comparison(study: Study, summary: pd.DataFrame) -> list[str]:
                  "p (paired t)": fmt_p(r.acc.p), "Δ test loss": "n/a" if r.loss.n == 0 else f"{r.loss.mean:+.4f}",
                  "Verdict": r.verdict} for r in comp.itertuples()]
         out += [markdown_table(pd.DataFrame(rows)), "", "Conclusions:", ""]
+        collapsed = {(r.backbone, r.recipe): (r.collapsed, r.n) for r in summary.itertuples()}
         for r in comp.itertuples():
             label = backbone_label(study, r.backbone, short=True)
-            out.append(f"- {label}: `{r.recipe}` against `{r.reference}`: {r.verdict}.")
+            line = f"- {label}: `{r.recipe}` against `{r.reference}`: {r.verdict}"
+            k, n = collapsed.get((r.backbone, r.recipe), (0, 0))
+            if k and not r.verdict.startswith("within"):
+                line += (f"; but {k} of {n} `{r.recipe}` seeds predict one class for every test image, so the "
+                         "difference reflects which class it collapsed to, not better features")
+            out.append(line + ".")
         out.append("")
     out += ["Collapse (one class predicted for every test image):", ""]
     for r in summary.itertuples():
