@@ -7,6 +7,7 @@ Fixtures (all documented below):
 - ``prepared_dataset(name)``: prepare a dataset from the shared archive once per session, return its folder.
 - ``prepared_dir``: the prepared ``pizza_steak_sushi`` (225/75) folder, ready for ``load_split``.
 - ``make_dvc_repo(...)``: a fresh git+DVC repo in a temp folder with chosen project files copied in.
+- ``mlflow_servers(...)``: real ``mlflow server`` / ``mlflow ui`` processes on 127.0.0.1, stopped after the module.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,3 +151,27 @@ def make_dvc_repo(tmp_path: Path) -> Callable[..., DvcRepo]:
         return create_dvc_repo(tmp_path / name, files, remote_url, commit)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def mlflow_servers() -> Iterator[Callable[..., "MlflowServer"]]:
+    """Factory: ``mlflow_servers("server" | "ui", *args, cwd=folder, wait=True) -> MlflowServer`` (tests/servers.py).
+
+    Starts ``mlflow <command> <args>`` on 127.0.0.1 at a free port and returns once ``/health`` answers
+    (``wait=False``: at once; call ``server.wait_ready()`` before use);
+    every server started is stopped (its whole process group) when the test module ends.
+    """
+    from servers import start_mlflow, stop_mlflow
+
+    started: list = []
+
+    def start(command: str, *args: str, cwd: Path, wait: bool = True) -> "MlflowServer":
+        server = start_mlflow(command, *args, cwd=cwd, wait=wait)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in reversed(started):
+            stop_mlflow(server)

@@ -194,7 +194,6 @@ def test_seeds_share_one_parent_run(finished):
     assert parent.data.tags["vit.config_digest"] == runs[0].data.tags["vit.config_digest"]
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: the parent's test_acc_mean is never logged (see report)")
 def test_parent_run_summarises_the_finished_seeds(finished):
     client = MlflowClient(finished["uri"])
     parent = client.get_run(finished["records"][0]["mlflow"]["parent_run_id"])

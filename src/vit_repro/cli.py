@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,6 +58,10 @@ def cmd_features(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    nproc = int(os.environ.get("VIT_REPRO_NPROC", "1"))
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # relaunch this very command under torchrun
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        raise SystemExit(subprocess.call([*launch, "-m", "vit_repro.cli", *sys.argv[1:]]))
     from .config import resolve_run, resolve_study
     from .train import run
 
@@ -65,6 +71,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     prepared = args.prepared or Path("data/prepared") / params.data.dataset
     out = args.out or Path("runs") / cfg.backbone / cfg.recipe / f"seed{cfg.seed}"
     metrics = run(cfg, prepared, out, features_dir=args.features, cache_dir=args.cache, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(
         f"{cfg.run_name}: test accuracy {metrics['test_acc']:.4f} ({metrics['test_correct']}/{metrics['test_images']}), "
         f"test loss {metrics['test_loss']:.4f}, {metrics['wall_time_s']:.0f}s -> {out}"
@@ -175,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import USER_ERRORS
+    from .tracking import Interrupted
 
     args = build_parser().parse_args(argv)
     try:
@@ -182,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Interrupted):
+        print("interrupted: the MLflow run ended as KILLED and no stage output was written", file=sys.stderr)
+        return 130
     return 0
 
 

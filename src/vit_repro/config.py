@@ -37,7 +37,8 @@ class TrainConfig(_Strict):
     """Optimisation settings shared by both backbones; recipes override any of them."""
 
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)  # global: all torchrun processes together
+    grad_accum_steps: int = Field(1, ge=1)  # micro-batches per optimisation step; effective batch = batch_size x this
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: PositiveFloat = 1e-3
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
@@ -49,6 +50,7 @@ class TrainConfig(_Strict):
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     weights_for_seeds: list[int] = [0]
+    checkpoint: bool = True  # save the training state after every epoch; a rerun resumes from it
 
     @field_validator("warmup_fraction")
     @classmethod

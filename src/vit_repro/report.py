@@ -232,6 +232,11 @@ def fmt_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def effective_batch(train: Mapping[str, Any]) -> int:
+    """Images per optimisation step: the (global) batch times the gradient-accumulation steps."""
+    return int(train["batch_size"]) * int(train.get("grad_accum_steps", 1))
+
+
 def verdict(d: Paired, scale: float = 100.0, unit: str = "points", higher_is_better: bool = True) -> str:
     """Words for a paired difference: within seed noise when the 95% interval contains 0, else better/worse."""
     if d.n == 0:
@@ -486,9 +491,9 @@ def scratch_settings(study: Study) -> tuple[pd.DataFrame, str]:
          for r, t in tr.items()},
         "a 225-image set gives few steps per epoch; schedules are scaled as a fraction of training instead.",
     ))
-    out.append(_row("Batch size", f"{paper.BATCH_SIZE} (Table 3 caption)",
-                    {r: str(t["batch_size"]) for r, t in tr.items()},
-                    {r: "same" if t["batch_size"] == paper.BATCH_SIZE else "differs" for r, t in tr.items()},
+    out.append(_row("Batch size (effective)", f"{paper.BATCH_SIZE} (Table 3 caption)",
+                    {r: str(effective_batch(t)) for r, t in tr.items()},
+                    {r: "same" if effective_batch(t) == paper.BATCH_SIZE else "differs" for r, t in tr.items()},
                     f"the seed notebook's batch; the training set is smaller than one batch of {paper.BATCH_SIZE}."))
     betas = paper.BETAS
     out.append(_row(
@@ -569,8 +574,8 @@ def frozen_settings(study: Study) -> pd.DataFrame:
              {r: "same" if sch[r].get("total_steps") in {s for s, _ in ft["steps_and_lr"].values()} else "differs"
               for r, t in tr.items()},
              "the seed notebook's epochs of the small set."),
-        _row("Batch size", f"{ft['batch_size']} (App. B.1.1)", {r: str(t["batch_size"]) for r, t in tr.items()},
-             {r: "same" if t["batch_size"] == ft["batch_size"] else "differs" for r, t in tr.items()},
+        _row("Batch size (effective)", f"{ft['batch_size']} (App. B.1.1)", {r: str(effective_batch(t)) for r, t in tr.items()},
+             {r: "same" if effective_batch(t) == ft["batch_size"] else "differs" for r, t in tr.items()},
              f"the seed notebook's batch; the training set is smaller than one batch of {ft['batch_size']}."),
         _row("Optimizer", f"{ft['optimizer']}, momentum {ft['momentum']}",
              {r: f"{'AdamW' if t['optimizer'] == 'adamw' else 'Adam'}, β1 {t['betas'][0]}, β2 {t['betas'][1]}"

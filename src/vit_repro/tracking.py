@@ -4,6 +4,11 @@ Default store: ``sqlite:///<repo>/mlflow.db`` with artifacts in ``<repo>/mlartif
 is found through ``DVC_ROOT`` (set by DVC, and pointing at the real repository even when a queued
 experiment runs in a temporary copy), so ``dvc repro``, ``dvc exp run`` and ``dvc exp run --queue``
 all write to the same store. ``MLFLOW_TRACKING_URI`` overrides it (e.g. a tracking server).
+
+Parallel queue workers (``dvc queue start -j N``) may share the SQLite store: MLflow waits up to 20 s
+on a locked database, and ``store_lock`` serialises the one step that is not safe in parallel, the
+creation of a new store's tables (and of the study's experiment). For many workers or several machines
+use a tracking server instead (README, "Tracking server and parallel experiments").
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import platform
 import signal
 import subprocess
-import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +31,7 @@ from typing import Any
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+LOCK_SUFFIX = "-init.lock"  # mlflow.db-init.lock, beside the store (ignored by git with /mlflow.db-*)
 
 
 class TrackingError(RuntimeError):
@@ -67,6 +73,43 @@ def check_backend(uri: str, timeout_s: float = 5.0) -> None:
             raise TrackingError(f"cannot write the MLflow store in {folder}: the folder is missing or read-only")
     elif scheme not in ("file", "databricks", "postgresql", "mysql", "mssql", ""):
         raise TrackingError(f"MLFLOW_TRACKING_URI={uri!r} has an unsupported scheme {scheme!r}")
+
+
+@contextmanager
+def store_lock(uri: str, timeout_s: float = 300.0) -> Iterator[None]:
+    """Hold an exclusive lock beside an SQLite store while a process opens it for the first time.
+
+    MLflow creates a new SQLite store's tables on first use without locking, so two queue workers
+    starting together on a fresh store race ("table ... already exists") and one run is lost. Other
+    backends (servers, database servers) need no lock; without ``fcntl`` (Windows) there is none.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    store = Path(uri.removeprefix("sqlite:///"))
+    lock = store.with_name(store.name + LOCK_SUFFIX)
+    with open(lock, "a") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(
+                        f"waited {timeout_s:.0f}s for {lock}, held by another process opening the MLflow store; "
+                        "if no other run is starting, the holder is stuck: end it and retry"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def git_state(root: Path) -> tuple[str, bool]:
@@ -161,7 +204,7 @@ def close_stale_runs(client: Any, experiment_id: str, run_name: str, config_dige
     return stale
 
 
-class _Interrupted(BaseException):
+class Interrupted(BaseException):
     """Raised from SIGTERM so the run ends as KILLED, like Ctrl-C."""
 
 
@@ -180,22 +223,24 @@ def mlflow_run(
     uri = tracking_uri()
     check_backend(uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    experiment_id = _experiment(client, experiment_name, uri)
+    with store_lock(uri):  # a new store's tables, and the experiment, are created by one worker at a time
+        client = MlflowClient(uri)
+        experiment_id = _experiment(client, experiment_name, uri)
     close_stale_runs(client, experiment_id, run_name, variant_digest)
     parent_id = _parent(client, experiment_id, variant, variant_digest, {k: v for k, v in tags.items() if k != "vit.seed"})
     all_tags = {**tags, "vit.kind": "seed", "mlflow.parentRunId": parent_id}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        raise _Interrupted(f"signal {signum}")
+        raise Interrupted(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
     status = "FAILED"
+    handle = RunHandle(run.info.run_id, experiment_id, experiment_name, parent_id, uri)
     try:
-        yield RunHandle(run.info.run_id, experiment_id, experiment_name, parent_id, uri)
+        yield handle
         status = "FINISHED"
-    except (KeyboardInterrupt, _Interrupted):
+    except (KeyboardInterrupt, Interrupted):
         status = "KILLED"
         raise
     except BaseException as exc:
@@ -205,6 +250,7 @@ def mlflow_run(
         mlflow.end_run(status)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    update_parent_summary(handle)  # only reached when the run FINISHED: it counts itself
 
 
 def _main_thread() -> bool:
@@ -213,8 +259,11 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def update_parent_summary(handle: RunHandle, metric: str = "test_acc") -> None:
-    """Log mean/std of ``metric`` over the parent's finished seed runs, so the compare view shows variants."""
+def update_parent_summary(handle: RunHandle, metric: str = "final_test_acc") -> None:
+    """Log mean/std of a seed metric over the parent's finished seed runs, so the compare view shows variants.
+
+    The parent gets ``test_acc_mean``, ``test_acc_std`` and ``seeds_finished``.
+    """
     import statistics
 
     from mlflow.tracking import MlflowClient
@@ -227,10 +276,8 @@ def update_parent_summary(handle: RunHandle, metric: str = "test_acc") -> None:
     values = [r.data.metrics[metric] for r in children if metric in r.data.metrics]
     if not values:
         return
-    client.log_metric(handle.parent_run_id, f"{metric}_mean", statistics.fmean(values))
-    client.log_metric(handle.parent_run_id, f"{metric}_std", statistics.stdev(values) if len(values) > 1 else 0.0)
+    name = metric.removeprefix("final_")
+    client.log_metric(handle.parent_run_id, f"{name}_mean", statistics.fmean(values))
+    client.log_metric(handle.parent_run_id, f"{name}_std", statistics.stdev(values) if len(values) > 1 else 0.0)
     client.log_metric(handle.parent_run_id, "seeds_finished", len(values))
 
-
-def python_command() -> str:
-    return " ".join([Path(sys.executable).name, *sys.argv[1:]])

@@ -2,31 +2,51 @@
 
 ``fit`` is the loop both backbones share; ``run`` wires data, model, MLflow and the stage outputs
 around it. The frozen path trains only a linear head, on cached backbone features.
+
+Scaling out: under ``torchrun`` every process runs this same code (DistributedDataParallel, gloo on
+CPU, nccl on CUDA). ``train.batch_size`` is the global batch: every process draws the same global
+permutation and trains on its own contiguous slice of each batch, so an optimisation step sees the
+same images whatever the number of processes; ``train.grad_accum_steps`` micro-batches make one
+optimisation step. Only rank 0 talks to MLflow and writes files.
+
+Faults: after every epoch rank 0 saves the training state (model, optimizer, step, history, RNG
+states) to ``.cache/checkpoints``; a rerun with the same configuration, data and code resumes from it.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import tracking
 from .fsutil import staged_dir
-from .config import PAPER_IMAGENET_STEPS, PAPER_WARMUP_STEPS, RunConfig, TrainConfig, scaled_warmup_steps
+from .config import (
+    PAPER_IMAGENET_STEPS,
+    PAPER_WARMUP_STEPS,
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    scaled_warmup_steps,
+)
 from .data import ImageTransform, data_source, load_split, make_loader, read_summary
 from .model import VisionTransformer, count_parameters, parse_model_name
 from .schedule import lr_at
@@ -54,6 +74,84 @@ def resolve_device(name: str = "auto") -> torch.device:
 def check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RuntimeError(f"bf16 autocast is not supported on {torch.cuda.get_device_name(device)}; use precision: fp32")
+
+
+# --- several processes (torchrun) -----------------------------------------------------------------
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) in a plain process."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
+@contextmanager
+def distributed(device: torch.device) -> Iterator[torch.device]:
+    """Join torchrun's process group for the duration (gloo on CPU, nccl on CUDA); yield this process's device."""
+    _, local_rank, world_size = torchrun_env()
+    if world_size == 1:
+        yield device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise ConfigError(f"train.device {device.type!r}: several processes need cpu (gloo) or cuda (nccl)")
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the processes, in place (nothing to do in a single process)."""
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` in every process."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every process's ``obj``, by rank, in every process."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def per_process_batch(batch_size: int, world_size: int) -> int:
+    """``train.batch_size`` is the global batch; each process takes an equal share of it."""
+    if batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size {batch_size} is the global batch of all {world_size} processes and must divide "
+            f"evenly among them: use a multiple of {world_size} or another number of processes"
+        )
+    return batch_size // world_size
+
+
+def optimisation_steps(num_images: int, cfg: TrainConfig) -> int:
+    """Optimisation steps per epoch: each takes ``batch_size x grad_accum_steps`` images (the last one fewer)."""
+    return math.ceil(num_images / (cfg.batch_size * cfg.grad_accum_steps))
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -93,7 +191,12 @@ def evaluate(
     precision: str = "fp32",
     batch_size: int = 64,
 ) -> Evaluation:
-    """Per-image loss and accuracy: sums over every image, divided by the number of images."""
+    """Per-image loss and accuracy: sums over every image, divided by the number of images.
+
+    Under torchrun each process evaluates a contiguous shard and the sums are added across processes.
+    """
+    rank, world = rank_and_world()
+    inputs, labels = inputs.tensor_split(world)[rank], labels.tensor_split(world)[rank]
     was_training = model.training
     model.eval()
     loss_sum, confusion = 0.0, torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -106,8 +209,12 @@ def evaluate(
         pred = logits.argmax(1).cpu()
         confusion += torch.bincount(y.cpu() * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
     model.train(was_training)
-    correct = int(confusion.diag().sum())
-    return Evaluation(loss_sum / len(inputs), correct, len(inputs), confusion)
+    if world > 1:
+        sums = torch.cat([torch.tensor([loss_sum], dtype=torch.float64), confusion.flatten().double()])
+        sums = all_reduce_sum(sums.to(device)).cpu()
+        loss_sum, confusion = sums[0].item(), sums[1:].round().long().view(num_classes, num_classes)
+    total = int(confusion.sum())
+    return Evaluation(loss_sum / total, int(confusion.diag().sum()), total, confusion)
 
 
 @dataclass
@@ -129,64 +236,195 @@ def fit(
     on_epoch: Callable[[History], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    checkpoint: Checkpoint | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> History:
-    """Train ``model`` (only its parameters that require grad) and evaluate on ``test`` after every epoch."""
+    """Train ``model`` (only its parameters that require grad) and evaluate on ``test`` after every epoch.
+
+    One optimisation step = ``cfg.grad_accum_steps`` global micro-batches of ``cfg.batch_size`` images;
+    its gradient is the mean over all of the step's images, whatever the number of processes.
+    ``checkpoint``: save the training state there after every epoch; ``resume``: a state saved so, to go on from.
+    """
+    rank, world = rank_and_world()
+    per_process_batch(cfg.batch_size, world)
+    # every process iterates the same global micro-batches, in the same seeded order
     loader = make_loader(train[0], train[1], cfg.batch_size, shuffle=True, seed=seed)
-    total_steps = cfg.epochs * len(loader)
+    num_images, accum = len(train[1]), cfg.grad_accum_steps
+    total_steps = cfg.epochs * optimisation_steps(num_images, cfg)
     warmup = scaled_warmup_steps(cfg, total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
-    history = History()
-    step = 0
     model.to(device).train()
-    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
-    for epoch in range(1, cfg.epochs + 1):
+    if rank > 0:  # rank 0 keeps the single-process random stream (dropout); the others get their own
+        torch.manual_seed(seed + 1_000_003 * rank)
+    history, first_epoch, step = History(), 1, 0
+    if resume is not None:
+        history, first_epoch, step = _restore(resume, model, optimizer, loader.generator, device, rank)
+    net = model
+    if world > 1 and params:  # gradients are all-reduced in place, in DDP's buckets
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        # the class token's gradient is a slice of a larger tensor, so DDP copies it: a few numbers, harmless
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", disable=not progress or rank > 0, dynamic_ncols=True)
+    for epoch in range(first_epoch, cfg.epochs + 1):
         started = time.perf_counter()
-        seen, correct, loss_sum = 0, 0, 0.0
-        for inputs, labels in loader:
-            lr = lr_at(step, cfg.lr, total_steps, warmup, cfg.decay)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        epoch_sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct: all processes
+        for micro, (inputs, labels) in enumerate(loader):
+            if micro % accum == 0:  # an optimisation step begins
+                step_images = min(cfg.batch_size * accum, num_images - micro * cfg.batch_size)  # all processes
+                lr = lr_at(step, cfg.lr, total_steps, warmup, cfg.decay)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
+            last = (micro + 1) % accum == 0 or micro + 1 == len(loader)  # ... and ends with this micro-batch
+            # this process's contiguous slice of the global micro-batch (may be empty for a short last batch)
+            inputs, labels = inputs.tensor_split(world)[rank], labels.tensor_split(world)[rank]
             x, y = prepare(inputs.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with nullcontext() if last or net is model else net.no_sync():  # DDP all-reduces once per step
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    logits = net(x)
+                loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+                # DDP averages gradients over processes, so x world: the mean over the step's images
+                (loss_sum * (world / step_images)).backward()
+            sums += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double()])
+            if not last:
+                continue
             # the norm before clipping is logged for every recipe: the evidence for or against clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm or math.inf)
             optimizer.step()
-            seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += loss.item() * len(y)
-            history.steps.append(
-                {"step": step, "epoch": epoch, "lr": lr, "loss": loss.item(), "grad_norm": grad_norm.item()}
-            )
+            epoch_sums += all_reduce_sum(sums)
+            loss = sums[0].item() / step_images
+            history.steps.append({"step": step, "epoch": epoch, "lr": lr, "loss": loss, "grad_norm": grad_norm.item()})
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         history.train_seconds += time.perf_counter() - started
         test_eval = evaluate(model, *test, prepare, device, num_classes, cfg.precision)
         row = {
             "epoch": epoch,
             # over the epoch's own batches, as they were trained on (train mode, weights moving), per image
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
+            "train_loss": epoch_sums[0].item() / num_images,
+            "train_acc": epoch_sums[1].item() / num_images,
             "test_loss": test_eval.loss,
             "test_acc": test_eval.accuracy,
             "lr": lr,
             "epoch_time_s": time.perf_counter() - started,
         }
         history.epochs.append(row)
-        bar.write(
-            f"{desc} epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
-            f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.3f} ({test_eval.correct}/{test_eval.total}) | "
-            f"{row['epoch_time_s']:.1f}s"
-        )
+        if rank == 0:
+            bar.write(
+                f"{desc} epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
+                f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.3f} ({test_eval.correct}/{test_eval.total}) | "
+                f"{row['epoch_time_s']:.1f}s"
+            )
         if on_epoch is not None:
             on_epoch(history)
+        if checkpoint is not None:
+            state = _training_state(model, optimizer, loader.generator, history, epoch, step, device)
+            if rank == 0:
+                checkpoint.save(state)
     bar.close()
     return history
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """Where a run saves its training state after every epoch; only a state with the same digest is resumed."""
+
+    path: Path
+    digest: str  # configuration (with the seed), data and code
+    run_id: str = ""  # the MLflow run that saves it
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Atomically: a kill while saving leaves the previous checkpoint intact."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"version": CHECKPOINT_VERSION, "digest": self.digest, "mlflow_run_id": self.run_id, **state}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None if there is none (or it is unreadable or from another configuration)."""
+        if not self.path.is_file():
+            return None
+        try:  # tensors and plain containers only: nothing in the file can run code
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            warnings.warn(f"ignoring unreadable checkpoint {self.path}: {exc}", stacklevel=2)
+            return None
+        if state.get("version") != CHECKPOINT_VERSION or state.get("digest") != self.digest:
+            warnings.warn(f"ignoring checkpoint {self.path}: saved by another version or configuration", stacklevel=2)
+            return None
+        return state
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
+
+
+def checkpoint_for(cfg: RunConfig, root: Path, digest_of: dict[str, Any]) -> Checkpoint:
+    """``<root>/.cache/checkpoints/<backbone>-<recipe>-seed<k>-<digest>.pt``: outside DVC's outputs, kept across reruns."""
+    digest = tracking.config_digest(digest_of | {"code": _code_digest()})
+    return Checkpoint(root / ".cache" / "checkpoints" / f"{cfg.backbone}-{cfg.recipe}-seed{cfg.seed}-{digest}.pt", digest)
+
+
+# the modules a run's numbers depend on (report, plots or MLflow code may change between kill and rerun)
+TRAINING_CODE = ("config.py", "data.py", "model.py", "schedule.py", "train.py")
+
+
+def _code_digest() -> str:
+    """The training code's source: a checkpoint is never resumed by other code."""
+    sha = hashlib.sha256()
+    for name in TRAINING_CODE:
+        sha.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
+    return sha.hexdigest()
+
+
+def _training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    history: History,
+    epoch: int,
+    step: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """What ``fit`` needs to go on after ``epoch`` exactly as if never stopped (collective: every process calls it)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)
+    rng = all_gather((torch.get_rng_state(), cuda))  # dropout draws: one stream per process
+    return {
+        "epoch": epoch,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "history": asdict(history),
+        "rng": {"torch": [r[0] for r in rng], "cuda": [r[1] for r in rng], "loader": generator.get_state()},
+    }
+
+
+def _restore(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    device: torch.device,
+    rank: int,
+) -> tuple[History, int, int]:
+    """Load a saved state into the model, optimizer and random generators; return (history, next epoch, step)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["rng"]["loader"])
+    if rank < len(state["rng"]["torch"]):  # else: resumed with more processes than saved it
+        torch.set_rng_state(state["rng"]["torch"][rank])
+        if device.type == "cuda" and len(state["rng"]["cuda"][rank]):
+            torch.cuda.set_rng_state(state["rng"]["cuda"][rank], device)
+    return History(**state["history"]), state["epoch"] + 1, state["step"]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -276,23 +514,75 @@ def run(
     """Train one (backbone, recipe, seed), log it to MLflow, and write its stage outputs to ``out_dir``.
 
     Outputs are written to a temporary sibling folder and moved into place only when the run finished,
-    so an interrupted or failed run leaves nothing behind but its MLflow record (FAILED or KILLED).
+    so an interrupted or failed run leaves nothing behind but its MLflow record (FAILED or KILLED) and
+    its last checkpoint, from which the next run of the same configuration resumes.
+    Under torchrun every process calls this; only rank 0 logs to MLflow and writes files.
     """
     started_at = datetime.now(timezone.utc)
     wall_start = time.perf_counter()
+    rank, _, world_size = torchrun_env()
+    summary = check_inputs(cfg, prepared_dir, out_dir, features_dir, cache_dir, world_size, main=rank == 0)
     device = resolve_device(cfg.train.device)
     check_precision(cfg.train.precision, device)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    summary = read_summary(prepared_dir)
-    if cfg.backbone == "scratch":
-        inputs = scratch_inputs(cfg, prepared_dir, cache_dir)
-    else:
+    with distributed(device) as device:
+        return _run(cfg, summary, prepared_dir, out_dir, features_dir, cache_dir, device, progress, started_at, wall_start)
+
+
+def check_inputs(
+    cfg: RunConfig,
+    prepared_dir: Path,
+    out_dir: Path,
+    features_dir: Path | None,
+    cache_dir: Path | None,
+    world_size: int,
+    main: bool = True,
+) -> dict[str, Any]:
+    """Everything from the user that can be checked before work starts; returns the data summary."""
+    per_process_batch(cfg.train.batch_size, world_size)
+    summary = read_summary(prepared_dir)  # missing: "run `dvc repro prepare`"
+    if cfg.backbone == "frozen":
         if features_dir is None:
-            raise ValueError("a frozen run needs features_dir (the `features` stage output)")
-        inputs = frozen_inputs(cfg, features_dir)
+            raise ConfigError("a frozen run needs the `features` stage output: pass --features data/features")
         _check_features(features_dir, summary, cfg)
+    if main:  # only rank 0 writes
+        _check_writable(Path(out_dir), "output folder (--out)")
+        if cache_dir is not None:
+            _check_writable(Path(cache_dir), "decoded-image cache (--cache)")
+        if cfg.train.checkpoint:
+            _check_writable(tracking.repo_root() / ".cache" / "checkpoints", "checkpoint folder")
+        tracking.check_backend(tracking.tracking_uri())  # MLFLOW_TRACKING_URI: scheme, server reachable
+    return summary
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """``path`` is a folder, or can be made one, that this process can write into."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {existing} is not writable; choose another path or fix its permissions")
+
+
+def _run(
+    cfg: RunConfig,
+    summary: dict[str, Any],
+    prepared_dir: Path,
+    out_dir: Path,
+    features_dir: Path | None,
+    cache_dir: Path | None,
+    device: torch.device,
+    progress: bool,
+    started_at: datetime,
+    wall_start: float,
+) -> dict[str, Any]:
+    rank, world_size = rank_and_world()
+    main = rank == 0
+    inputs = scratch_inputs(cfg, prepared_dir, cache_dir) if cfg.backbone == "scratch" else frozen_inputs(cfg, features_dir)
     num_classes = len(inputs.classes)
-    steps_per_epoch = math.ceil(len(inputs.train[1]) / cfg.train.batch_size)
+    steps_per_epoch = optimisation_steps(len(inputs.train[1]), cfg.train)
     total_steps = cfg.train.epochs * steps_per_epoch
     schedule = {
         "steps_per_epoch": steps_per_epoch,
@@ -301,12 +591,19 @@ def run(
         "warmup_fraction": cfg.train.warmup_fraction if cfg.train.warmup else 0.0,
         "paper_warmup_steps": PAPER_WARMUP_STEPS,
         "paper_total_steps": PAPER_IMAGENET_STEPS,
+        "effective_batch_size": cfg.train.batch_size * cfg.train.grad_accum_steps,  # images per optimisation step
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "world_size": world_size,
     }
     root = tracking.repo_root()
     commit, dirty = tracking.git_state(root)
     config_json = cfg.model_dump(mode="json")
     variant_config = {k: v for k, v in config_json.items() if k != "seed"}
     variant_digest = tracking.config_digest(variant_config)
+    checkpoint = resume = None
+    if cfg.train.checkpoint:
+        checkpoint = checkpoint_for(cfg, root, {"config": config_json, "data": summary["digest"], "model": inputs.info})
+        resume = broadcast(checkpoint.load() if main else None)
     provenance = {
         "git_commit": commit,
         "git_dirty": dirty,
@@ -339,21 +636,31 @@ def run(
         "vit.torch": provenance["torch"],
         "vit.torchvision": provenance["torchvision"],
     }
-    with tracking.mlflow_run(f"vit-repro/{cfg.study}", cfg.run_name, cfg.variant, variant_digest, tags) as handle:
-        import mlflow
-
-        mlflow.log_params(tracking.flatten("", config_json) | tracking.flatten("schedule", schedule))
-        _log_dataset(summary, prepared_dir)
-        logged_steps = 0
+    # only rank 0 opens an MLflow run; the other processes never touch MLflow
+    tracker = tracking.mlflow_run(f"vit-repro/{cfg.study}", cfg.run_name, cfg.variant, variant_digest, tags) if main else nullcontext()
+    with tracker as handle:
+        logged = [0, 0]  # steps, epochs already in the MLflow run
 
         def log_epoch(history: History) -> None:
-            nonlocal logged_steps
-            _log_history(handle.run_id, history, logged_steps)
-            logged_steps = len(history.steps)
+            _log_history(handle.run_id, history, *logged)
+            logged[:] = len(history.steps), len(history.epochs)
+
+        if main:
+            import mlflow
+
+            mlflow.log_params(tracking.flatten("", config_json) | tracking.flatten("schedule", schedule))
+            _log_dataset(summary, prepared_dir)
+            if resume is not None:  # the new run holds every epoch: the restored ones are logged again here
+                mlflow.set_tags({"vit.resumed_from": resume["mlflow_run_id"], "vit.resumed_at_epoch": str(resume["epoch"])})
+                if resume["history"]["epochs"]:
+                    log_epoch(History(**resume["history"]))
+            if checkpoint is not None:
+                checkpoint.run_id = handle.run_id
 
         history = fit(
             inputs.model, inputs.train, inputs.test, cfg.train, cfg.seed, inputs.prepare, device, num_classes,
-            on_epoch=log_epoch, progress=progress, desc=cfg.run_name,
+            on_epoch=log_epoch if main else None, progress=progress, desc=cfg.run_name,
+            checkpoint=checkpoint, resume=resume,
         )
         final = evaluate(inputs.model, *inputs.test, inputs.prepare, device, num_classes, cfg.train.precision)
         final_train = evaluate(inputs.model, *inputs.train, inputs.prepare, device, num_classes, cfg.train.precision)
@@ -369,6 +676,8 @@ def run(
             "predicted_classes": final.predicted_classes,
         }
         metrics["wall_time_s"] = time.perf_counter() - wall_start
+        if not main:
+            return metrics
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
         evaluation = {
             "classes": inputs.classes,
@@ -398,6 +707,7 @@ def run(
                 "run_id": handle.run_id,
                 "parent_run_id": handle.parent_run_id,
                 "weights_artifact": None,
+                "resumed_from": resume["mlflow_run_id"] if resume is not None else None,
             },
         }
         with staged_dir(out_dir) as tmp:
@@ -406,18 +716,21 @@ def run(
             _write_csv(tmp / "steps.csv", history.steps)
             record["mlflow"]["weights_artifact"] = _log_artifacts(cfg, inputs, record, tmp)
             _json(tmp / "run.json", record)
-        tracking.update_parent_summary(handle)
+        if checkpoint is not None:
+            checkpoint.remove()  # finished: nothing to resume
     return metrics
 
 
 def _check_features(features_dir: Path, summary: dict[str, Any], cfg: RunConfig) -> None:
-    from .backbone import load_features
+    from .backbone import FEATURES_FILE, FEATURES_INFO, BackboneError
 
-    meta = load_features(features_dir)[1]
+    if not all((Path(features_dir) / name).is_file() for name in (FEATURES_FILE, FEATURES_INFO)):
+        raise BackboneError(f"no cached features in {features_dir}: run `dvc repro features` first")
+    meta = json.loads((Path(features_dir) / FEATURES_INFO).read_text())
     if meta["data_digest"] != summary["digest"]:
-        raise RuntimeError(f"features in {features_dir} were computed on other data: re-run `dvc repro features`")
+        raise BackboneError(f"features in {features_dir} were computed on other data: re-run `dvc repro features`")
     if cfg.pretrained_name and meta["backbone"]["name"] != cfg.pretrained_name:
-        raise RuntimeError(
+        raise BackboneError(
             f"features in {features_dir} come from backbone {meta['backbone']['name']!r}, the study uses "
             f"{cfg.pretrained_name!r}: re-run `dvc repro features`"
         )
@@ -460,20 +773,20 @@ def _log_dataset(summary: dict[str, Any], prepared_dir: Path) -> None:
         mlflow.log_input(dataset, context="training")
 
 
-def _log_history(run_id: str, history: History, start: int) -> None:
-    """Per-step and per-epoch metrics in a few batched requests (one per epoch, not one per value)."""
+def _log_history(run_id: str, history: History, steps_from: int, epochs_from: int) -> None:
+    """Per-step and per-epoch metrics not logged yet, in a few batched requests (not one per value)."""
     import mlflow
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     metrics = [
         Metric(key, float(row[key]), now, int(row["step"]))
-        for row in history.steps[start:]
+        for row in history.steps[steps_from:]
         for key in ("loss", "lr", "grad_norm")
     ]
-    epoch = history.epochs[-1]
     metrics += [
         Metric(f"epoch_{key}", float(epoch[key]), now, int(epoch["epoch"]))
+        for epoch in history.epochs[epochs_from:]
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s")
     ]
     client = mlflow.MlflowClient()

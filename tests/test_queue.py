@@ -1,0 +1,152 @@
+"""Parallel experiments: `dvc exp run --queue` + `dvc queue start -j 2` sharing the repository's SQLite store.
+
+Evidence behind the design (tracking.store_lock): on a *fresh* store two MLflow processes starting
+together both create its tables and one of them fails ("table ... already exists", "duplicate column",
+alembic "expected to match one row") - one run lost. Once the tables exist, MLflow's 20 s SQLite busy
+timeout absorbs the two workers' writes. So tracking.py lets one process at a time open the store for
+the first time, and these tests start from a store that does not exist yet, the worst case.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import DvcRepo, create_dvc_repo
+from test_config import cli_env
+from test_pipeline import PROJECT_FILES
+
+pytestmark = pytest.mark.slow
+
+TARGET = "train-scratch@baseline-0"
+VARIANTS = {"lr-a": "0.001", "lr-b": "0.002"}
+BAD_SIGNS = ("database is locked", "already exists", "duplicate column", "Traceback")
+
+
+def seed_runs(store: Path) -> list[dict]:
+    """Seed runs in an SQLite store, read with sqlite3 itself (no MLflow in the test process)."""
+    with sqlite3.connect(store) as db:
+        rows = db.execute(
+            "SELECT r.run_uuid, r.name, r.status, r.start_time, r.end_time, p.value FROM runs r "
+            "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'vit.kind' AND t.value = 'seed' "
+            "LEFT JOIN params p ON p.run_uuid = r.run_uuid AND p.key = 'train.lr'"
+        ).fetchall()
+        final = dict(db.execute("SELECT run_uuid, value FROM latest_metrics WHERE key = 'final_test_acc'").fetchall())
+    keys = ("run_id", "name", "status", "start", "end", "lr")
+    return [dict(zip(keys, row), final_test_acc=final.get(row[0])) for row in rows]
+
+
+def queue_status(repo: DvcRepo) -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed ...} from `dvc queue status`."""
+    out = repo.dvc("queue", "status").stdout
+    return {cols[1]: cols[-1] for line in out.splitlines() if len(cols := line.split()) >= 4 and cols[1] in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def queued(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> DvcRepo:
+    """Two queued variants of one tiny scratch stage, run by two parallel workers on a store not yet created."""
+    repo = create_dvc_repo(tmp_path_factory.mktemp("queue") / "repo", PROJECT_FILES, remote_url=shared_dir / "datasets",
+                           commit=False)
+    repo.env["OMP_NUM_THREADS"] = "1"  # two workers on a shared 2-core machine: no thread oversubscription
+    params = yaml.safe_load((repo.path / "params.yaml").read_text())
+    params["study"] = {"name": "cpu-small", "seeds": [0], "recipes": ["baseline"]}
+    params["scratch"]["image_size"] = 32
+    params["train"] |= {"epochs": 2, "device": "cpu"}
+    (repo.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo.commit("tiny study")
+    repo.dvc("repro", "prepare")
+    repo.commit("prepared")
+    assert not (repo.path / "mlflow.db").exists()
+    for name, lr in VARIANTS.items():
+        repo.dvc("exp", "run", "--queue", TARGET, "-S", f"train.lr={lr}", "-n", name)
+    repo.dvc("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 400
+    while (status := queue_status(repo)) and any(s in ("Queued", "Running") for s in status.values()):
+        if time.monotonic() > deadline:
+            repo.dvc("queue", "kill", *VARIANTS, check=False)
+            pytest.fail(f"queue not finished after 400s: {status}")
+        time.sleep(10)
+    logs = {name: repo.dvc("queue", "logs", name, check=False) for name in VARIANTS}
+    (repo.path.parent / "queue.log").write_text("\n".join(f"=== {n}\n{p.stdout}{p.stderr}" for n, p in logs.items()))
+    assert set(status) == set(VARIANTS) and set(status.values()) == {"Success"}, (
+        f"{status}\n" + "\n".join(f"=== {n}\n{p.stdout[-3000:]}{p.stderr[-3000:]}" for n, p in logs.items())
+    )
+    return repo
+
+
+def test_both_queued_runs_land_in_the_repo_store(queued: DvcRepo) -> None:
+    runs = seed_runs(queued.path / "mlflow.db")
+    assert sorted(r["lr"] for r in runs) == sorted(VARIANTS.values())  # none lost, none duplicated
+    assert all(r["status"] == "FINISHED" and r["name"] == "scratch-baseline/seed0" for r in runs)
+    # the workers ran in temporary copies under .dvc/tmp/exps; DVC_ROOT sent both to the one store
+    assert not list((queued.path / ".dvc" / "tmp").rglob("mlflow.db"))
+    log = (queued.path.parent / "queue.log").read_text()
+    assert not [sign for sign in BAD_SIGNS if sign in log], log[-4000:]
+
+
+def test_the_two_workers_really_overlapped(queued: DvcRepo) -> None:
+    a, b = seed_runs(queued.path / "mlflow.db")
+    assert a["start"] < b["end"] and b["start"] < a["end"], "the runs did not overlap: nothing was tested in parallel"
+
+
+def test_dvc_and_mlflow_agree_on_each_experiment(queued: DvcRepo) -> None:
+    shown = json.loads(queued.dvc("exp", "show", "--json").stdout)
+    by_lr = {r["lr"]: r for r in seed_runs(queued.path / "mlflow.db")}
+    found = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            data = exp["revs"][0]["data"]
+            if exp["name"] in VARIANTS:
+                lr = data["params"]["params.yaml"]["data"]["train"]["lr"]
+                found[exp["name"]] = data["metrics"]["runs/scratch/baseline/seed0/metrics.json"]["data"]["test_acc"]
+                assert str(lr) == VARIANTS[exp["name"]]
+                assert by_lr[VARIANTS[exp["name"]]]["final_test_acc"] == pytest.approx(found[exp["name"]])
+    assert set(found) == set(VARIANTS)
+
+
+WORKER = """
+import sys, time
+from pathlib import Path
+import mlflow
+from vit_repro import tracking
+folder, n = Path(sys.argv[1]), sys.argv[2]
+(folder / f"ready{n}").touch()
+while not (folder / "go").exists():  # everything imported: only the store's first use races
+    time.sleep(0.01)
+with tracking.mlflow_run("vit-repro/race", f"v{n}/seed0", f"v{n}", f"digest{n}", {"vit.seed": "0"}):
+    mlflow.log_metric("x", float(n))
+"""
+WORKERS = 2
+
+
+def test_processes_opening_a_fresh_store_together_all_log(tmp_path: Path) -> None:
+    """The race itself, without DVC: processes released at the same instant on a store not yet created.
+
+    Without tracking.store_lock this loses one of two runs nearly every time (3 of 3 tries).
+    """
+    store = tmp_path / "mlflow.db"
+    env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(n)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(WORKERS)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{n}").exists() for n in range(WORKERS)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a worker did not start"
+            time.sleep(0.1)
+        (tmp_path / "go").touch()
+        results = [(p.communicate(timeout=240)[1], p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [rc for _, rc in results] == [0] * WORKERS, "\n".join(err[-2000:] for err, _ in results)
+    runs = seed_runs(store)
+    assert len(runs) == WORKERS and {r["status"] for r in runs} == {"FINISHED"}
