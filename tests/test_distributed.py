@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from test_config import cli_env, write_params
-from vit_repro import train
+from vit_repro import distributed, train
 from vit_repro.config import ConfigError, TrainConfig, load_params, resolve_run
 from vit_repro.data import ImageTransform, load_split
 from vit_repro.model import VisionTransformer, parse_model_name
@@ -166,9 +166,9 @@ def test_gradient_accumulation_equals_one_large_batch(prepared_dir, tmp_path, on
 
 
 def test_global_batch_must_divide_among_processes(tmp_path, repo_root, prepared_dir, monkeypatch):
-    assert train.per_process_batch(32, 4) == 8
+    assert distributed.per_process_batch(32, 4) == 8
     with pytest.raises(ConfigError, match=r"train.batch_size 33 is the global batch of all 2 processes"):
-        train.per_process_batch(33, 2)
+        distributed.per_process_batch(33, 2)
     # as torchrun's second process would see it: refused before any data is read or process group joined
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -21,7 +21,7 @@ from conftest import create_dvc_repo
 from test_config import cli_env, vit_repro, write_params
 from test_pipeline import PROJECT_FILES
 
-from vit_repro import train
+from vit_repro import checkpoint, train
 from vit_repro.backbone import BackboneError
 from vit_repro.config import ConfigError, load_params, resolve_run
 from vit_repro.data import DataError
@@ -167,17 +167,17 @@ def test_interrupted_dvc_repro_resumes_on_the_next_repro(tmp_path, shared_dir, r
 # ----------------------------------------------------------------------------- checkpoint files
 
 def test_unreadable_or_foreign_checkpoints_are_ignored(tmp_path):
-    ckpt = train.Checkpoint(tmp_path / "run.pt", digest="abc")
+    ckpt = checkpoint.Checkpoint(tmp_path / "run.pt", digest="abc")
     assert ckpt.load() is None  # none yet
     ckpt.save({"epoch": 1, "weights": torch.ones(2)})
     assert ckpt.load()["epoch"] == 1 and not list(tmp_path.glob("*.tmp"))
-    train.Checkpoint(ckpt.path, digest="another configuration").save({"epoch": 2})
+    checkpoint.Checkpoint(ckpt.path, digest="another configuration").save({"epoch": 2})
     with pytest.warns(UserWarning, match="another version or configuration"):
         assert ckpt.load() is None
     ckpt.path.write_bytes(b"truncated")
     with pytest.warns(UserWarning, match="unreadable"):
         assert ckpt.load() is None
-    torch.save({"version": train.CHECKPOINT_VERSION, "digest": "abc", "code": _Pickled()}, ckpt.path)
+    torch.save({"version": checkpoint.CHECKPOINT_VERSION, "digest": "abc", "code": _Pickled()}, ckpt.path)
     with pytest.warns(UserWarning, match="unreadable"):  # weights_only: an object that could run code is refused
         assert ckpt.load() is None
     ckpt.remove()

@@ -16,29 +16,27 @@ states) to ``.cache/checkpoints``; a rerun with the same configuration, data and
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import tracking
-from .fsutil import staged_dir
+from .checkpoint import Checkpoint, checkpoint_for
 from .config import (
     PAPER_IMAGENET_STEPS,
     PAPER_WARMUP_STEPS,
@@ -48,6 +46,16 @@ from .config import (
     scaled_warmup_steps,
 )
 from .data import ImageTransform, data_source, load_split, make_loader, read_summary
+from .distributed import (
+    all_gather,
+    all_reduce_sum,
+    broadcast,
+    distributed,
+    per_process_batch,
+    rank_and_world,
+    torchrun_env,
+)
+from .fsutil import staged_dir
 from .model import VisionTransformer, count_parameters, parse_model_name
 from .schedule import lr_at
 
@@ -74,79 +82,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 def check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RuntimeError(f"bf16 autocast is not supported on {torch.cuda.get_device_name(device)}; use precision: fp32")
-
-
-# --- several processes (torchrun) -----------------------------------------------------------------
-
-
-def torchrun_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) in a plain process."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
-
-
-@contextmanager
-def distributed(device: torch.device) -> Iterator[torch.device]:
-    """Join torchrun's process group for the duration (gloo on CPU, nccl on CUDA); yield this process's device."""
-    _, local_rank, world_size = torchrun_env()
-    if world_size == 1:
-        yield device
-        return
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)  # one GPU per process
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    elif device.type == "cpu":
-        backend = "gloo"
-    else:
-        raise ConfigError(f"train.device {device.type!r}: several processes need cpu (gloo) or cuda (nccl)")
-    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over the processes, in place (nothing to do in a single process)."""
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` in every process."""
-    if rank_and_world()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather(obj: Any) -> list[Any]:
-    """Every process's ``obj``, by rank, in every process."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def per_process_batch(batch_size: int, world_size: int) -> int:
-    """``train.batch_size`` is the global batch; each process takes an equal share of it."""
-    if batch_size % world_size:
-        raise ConfigError(
-            f"train.batch_size {batch_size} is the global batch of all {world_size} processes and must divide "
-            f"evenly among them: use a multiple of {world_size} or another number of processes"
-        )
-    return batch_size // world_size
 
 
 def optimisation_steps(num_images: int, cfg: TrainConfig) -> int:
@@ -327,63 +262,6 @@ def fit(
                 checkpoint.save(state)
     bar.close()
     return history
-
-
-# --- checkpoints ---------------------------------------------------------------------------------
-
-CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class Checkpoint:
-    """Where a run saves its training state after every epoch; only a state with the same digest is resumed."""
-
-    path: Path
-    digest: str  # configuration (with the seed), data and code
-    run_id: str = ""  # the MLflow run that saves it
-
-    def save(self, state: dict[str, Any]) -> None:
-        """Atomically: a kill while saving leaves the previous checkpoint intact."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"version": CHECKPOINT_VERSION, "digest": self.digest, "mlflow_run_id": self.run_id, **state}, tmp)
-        os.replace(tmp, self.path)
-
-    def load(self) -> dict[str, Any] | None:
-        """The saved state, or None if there is none (or it is unreadable or from another configuration)."""
-        if not self.path.is_file():
-            return None
-        try:  # tensors and plain containers only: nothing in the file can run code
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            warnings.warn(f"ignoring unreadable checkpoint {self.path}: {exc}", stacklevel=2)
-            return None
-        if state.get("version") != CHECKPOINT_VERSION or state.get("digest") != self.digest:
-            warnings.warn(f"ignoring checkpoint {self.path}: saved by another version or configuration", stacklevel=2)
-            return None
-        return state
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
-
-
-def checkpoint_for(cfg: RunConfig, root: Path, digest_of: dict[str, Any]) -> Checkpoint:
-    """``<root>/.cache/checkpoints/<backbone>-<recipe>-seed<k>-<digest>.pt``: outside DVC's outputs, kept across reruns."""
-    digest = tracking.config_digest(digest_of | {"code": _code_digest()})
-    return Checkpoint(root / ".cache" / "checkpoints" / f"{cfg.backbone}-{cfg.recipe}-seed{cfg.seed}-{digest}.pt", digest)
-
-
-# the modules a run's numbers depend on (report, plots or MLflow code may change between kill and rerun)
-TRAINING_CODE = ("config.py", "data.py", "model.py", "schedule.py", "train.py")
-
-
-def _code_digest() -> str:
-    """The training code's source: a checkpoint is never resumed by other code."""
-    sha = hashlib.sha256()
-    for name in TRAINING_CODE:
-        sha.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
-    return sha.hexdigest()
 
 
 def _training_state(
