@@ -174,9 +174,9 @@ def compute_features(
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Features of every train and test image, written with the key that identifies them."""
-    model, info = load_backbone(pretrained_dir, num_classes=len(read_summary(prepared_dir)["classes"]))
-    transform = pretrained_transform(**info["transform"])
     summary = read_summary(prepared_dir)
+    model, info = load_backbone(pretrained_dir, num_classes=len(summary["classes"]))
+    transform = pretrained_transform(**info["transform"])
     tensors: dict[str, torch.Tensor] = {}
     files: dict[str, list[str]] = {}
     for split in ("train", "test"):
@@ -202,9 +202,14 @@ def compute_features(
     return meta
 
 
-def load_features(features_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_features_info(features_dir: Path) -> dict[str, Any]:
+    """What the cached features are (backbone, transform, data digest, key), without loading the tensors."""
     features_dir = Path(features_dir)
-    if not (features_dir / FEATURES_FILE).is_file():
+    if not all((features_dir / name).is_file() for name in (FEATURES_FILE, FEATURES_INFO)):
         raise BackboneError(f"no cached features in {features_dir}: run `dvc repro features` first")
-    meta = json.loads((features_dir / FEATURES_INFO).read_text())
-    return load_file(features_dir / FEATURES_FILE), meta
+    return json.loads((features_dir / FEATURES_INFO).read_text())
+
+
+def load_features(features_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    meta = read_features_info(features_dir)
+    return load_file(Path(features_dir) / FEATURES_FILE), meta

@@ -600,11 +600,9 @@ def _run(
 
 
 def _check_features(features_dir: Path, summary: dict[str, Any], cfg: RunConfig) -> None:
-    from .backbone import FEATURES_FILE, FEATURES_INFO, BackboneError
+    from .backbone import BackboneError, read_features_info
 
-    if not all((Path(features_dir) / name).is_file() for name in (FEATURES_FILE, FEATURES_INFO)):
-        raise BackboneError(f"no cached features in {features_dir}: run `dvc repro features` first")
-    meta = json.loads((Path(features_dir) / FEATURES_INFO).read_text())
+    meta = read_features_info(features_dir)
     if meta["data_digest"] != summary["digest"]:
         raise BackboneError(f"features in {features_dir} were computed on other data: re-run `dvc repro features`")
     if cfg.pretrained_name and meta["backbone"]["name"] != cfg.pretrained_name:
@@ -617,9 +615,9 @@ def _check_features(features_dir: Path, summary: dict[str, Any], cfg: RunConfig)
 def _pretrained_record(cfg: RunConfig, features_dir: Path | None) -> dict[str, Any] | None:
     if cfg.backbone != "frozen" or features_dir is None:
         return None
-    from .backbone import load_features
+    from .backbone import read_features_info
 
-    backbone = load_features(features_dir)[1]["backbone"]
+    backbone = read_features_info(features_dir)["backbone"]
     return {k: backbone[k] for k in ("name", "label", "model", "source", "sha256", "source_sha256", "pretraining", "transform")}
 
 
