@@ -356,3 +356,65 @@ def test_model_summary(b16_pair) -> None:
     assert "85,800,963" in text
     assert "PatchEmbed" in text and "Block" in text and "Attention" in text
     assert "[1, 196, 768]" in text and "[1, 197, 768]" in text
+
+
+# ---------------------------------------------------------------------------------------- attention kernels
+
+def _kernel_pair(dropout: float = 0.0) -> tuple[VisionTransformer, VisionTransformer]:
+    cfg = ViTConfig(image_size=32, patch_size=8, num_layers=2, num_heads=3, hidden_dim=48, mlp_dim=96,
+                    attention_dropout=dropout)
+    torch.manual_seed(0)
+    sdpa = VisionTransformer(cfg, attention="sdpa")
+    matmul = VisionTransformer(cfg, attention="matmul")
+    matmul.load_state_dict(sdpa.state_dict())
+    with torch.no_grad():
+        for p in (*sdpa.heads.parameters(), *matmul.heads.parameters()):
+            p.fill_(0.1)
+    return sdpa, matmul
+
+
+def test_attention_kernels_compute_the_same_function() -> None:
+    sdpa, matmul = _kernel_pair()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(matmul(x), sdpa(x), rtol=0, atol=1e-5)  # float32: rounding only
+    # gradients agree too (training mode, no dropout)
+    for model in (sdpa, matmul):
+        model.train().zero_grad()
+        model(x).square().sum().backward()
+    for (name, a), b in zip(sdpa.named_parameters(), matmul.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # under bfloat16 autocast both stay within bfloat16 rounding of the float32 result
+    with torch.no_grad():
+        ref = sdpa.eval().forward_features(x)
+        for model in (sdpa, matmul):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model.eval().forward_features(x).float()
+            assert (out - ref).abs().max() < 0.1
+            assert (out - ref).abs().mean() < 0.02
+
+
+def test_auto_attention_kernel_choice() -> None:
+    from vit_repro.model import attention_kernel
+
+    q32, q16 = torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4, dtype=torch.bfloat16)
+    assert attention_kernel("auto", q32) == "sdpa"
+    assert attention_kernel("auto", q16) == "matmul"  # measured faster on the CPU
+    assert attention_kernel("auto", q16.half()) == "matmul"
+    assert attention_kernel("sdpa", q16) == "sdpa" and attention_kernel("matmul", q32) == "matmul"
+    with torch.device("meta"):
+        assert attention_kernel("auto", torch.empty(1, dtype=torch.bfloat16)) == "sdpa"  # not the CPU
+    with pytest.raises(ValueError, match="attention must be one of auto, sdpa, matmul"):
+        VisionTransformer(ViTConfig(image_size=32, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8),
+                          attention="flash")
+
+
+def test_matmul_attention_applies_attention_dropout_in_training_only() -> None:
+    _, matmul = _kernel_pair(dropout=0.5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    matmul.eval()
+    assert torch.equal(matmul(x), matmul(x))
+    matmul.train()
+    torch.manual_seed(0)
+    a = matmul(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, matmul(x))

@@ -172,8 +172,13 @@ def compute_features(
     out_dir: Path,
     device: torch.device,
     cache_dir: Path | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Features of every train and test image, written with the key that identifies them."""
+    """Features of every train and test image, written with the key that identifies them.
+
+    ``precision``: ``fp32``, or ``bf16`` autocast (about twice as fast on CPUs with bf16 matmul support;
+    the features differ in the third significant digit, so the key changes).
+    """
     summary = read_summary(prepared_dir)
     model, info = load_backbone(pretrained_dir, num_classes=len(summary["classes"]))
     transform = pretrained_transform(**info["transform"])
@@ -181,7 +186,7 @@ def compute_features(
     files: dict[str, list[str]] = {}
     for split in ("train", "test"):
         data = load_split(prepared_dir, split, transform, cache_dir)
-        tensors[f"{split}_features"] = extract_features(model, data.images, transform, device)
+        tensors[f"{split}_features"] = extract_features(model, data.images, transform, device, precision=precision)
         tensors[f"{split}_labels"] = data.labels
         files[split] = list(data.files)
     meta = {
@@ -192,10 +197,10 @@ def compute_features(
         "classes": summary["classes"],
         "dim": int(tensors["train_features"].shape[1]),
         "files": files,
+        "precision": precision,
     }
-    meta["key"] = hashlib.sha256(
-        f"{info['sha256']}|{meta['transform']}|{summary['digest']}".encode()
-    ).hexdigest()[:16]
+    identity = f"{info['sha256']}|{meta['transform']}|{summary['digest']}" + ("|bf16" if precision == "bf16" else "")
+    meta["key"] = hashlib.sha256(identity.encode()).hexdigest()[:16]
     with staged_dir(out_dir) as tmp:
         save_file(tensors, tmp / FEATURES_FILE, metadata={"key": meta["key"]})
         (tmp / FEATURES_INFO).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

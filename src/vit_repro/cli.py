@@ -53,8 +53,9 @@ def cmd_features(args: argparse.Namespace) -> None:
 
     params = _params(args)
     prepared = args.prepared or Path("data/prepared") / params.data.dataset
-    meta = compute_features(args.pretrained, prepared, args.out, resolve_device(args.device), args.cache)
-    print(f"features {meta['key']}: {meta['backbone']['label']}, dim {meta['dim']} -> {args.out}")
+    meta = compute_features(args.pretrained, prepared, args.out, resolve_device(args.device), args.cache,
+                            precision=params.train.precision)
+    print(f"features {meta['key']}: {meta['backbone']['label']}, dim {meta['dim']}, {meta['precision']} -> {args.out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -108,6 +109,25 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.plot:
         plot_prediction(results, args.plot)
         print(f"plot -> {args.plot}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import BenchConfig, format_tables, run_benchmark
+    from .train import resolve_device
+
+    bc = BenchConfig(
+        device=resolve_device(args.device), sections=tuple(args.sections), model=args.model, batch_size=args.batch,
+        image_size=args.image_size, warmup=args.warmup, repeats=args.repeats, matmul_size=args.matmul_size,
+        models=tuple(args.models), seeds=tuple(args.seeds), seed_epochs=args.seed_epochs, params=args.params,
+        experiments=args.experiments, prepared=args.prepared, repo=args.repo,
+    )
+    result = run_benchmark(bc, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_tables(result))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(format_tables(result, markdown=True))
+        print(f"results -> {args.out} and {args.out.with_suffix('.md')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     with_params(p)
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--out", type=Path, default=Path("reports"))
+
+    from .bench import MODELS, SECTIONS
+
+    p = add("bench", cmd_bench, "measure the study's costs on this machine against its matmul ceilings (one process)")
+    with_params(p)
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, metavar="SECTION",
+                   help=f"what to measure (default all): {' '.join(SECTIONS)}")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N")
+    p.add_argument("--model", default="B/16", help="ViT variant for the train/inference/frozen sections (default B/16)")
+    p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=1, help="untimed repeats first (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported (default 3)")
+    p.add_argument("--matmul-size", type=int, default=4096, help="side of the square matmuls of the ceilings")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, metavar="MODEL",
+                   help=f"implementations to compare (default all; timm only when installed): {' '.join(MODELS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the frozen grid (default 0 1 2)")
+    p.add_argument("--seed-epochs", type=int, default=2, help="epochs of the seed's approach actually timed")
+    p.add_argument("--prepared", type=Path, help="prepared dataset (default: data/prepared/<data.dataset>)")
+    p.add_argument("--repo", type=Path, default=Path("."), help="DVC repository for the `dvc repro` no-op timing")
+    p.add_argument("--out", type=Path, help="write the results here as JSON, and as Markdown next to it (.md)")
 
     p = add("predict", cmd_predict, "classify images with a trained run's weights")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")

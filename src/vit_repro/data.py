@@ -693,12 +693,15 @@ class _Batches(Dataset):
         return tuple(t[idx] for t in self.tensors)
 
 
-def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+def make_loader(
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int, pin_memory: bool = False
+) -> DataLoader:
     """Batches ``(images, labels)`` from memory; the shuffle order depends on ``seed`` alone.
 
     Each pass draws the next permutation from the loader's own generator, so epoch k's order is the
     same for every run with this seed, whatever the tensors hold (images or feature vectors), and the
     global torch RNG is never touched. The last batch may be smaller: every image is used.
+    ``pin_memory``: batches come in page-locked memory, so ``.to("cuda", non_blocking=True)`` is asynchronous.
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -713,4 +716,5 @@ def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shu
         batch_size=None,
         num_workers=0,
         generator=generator,
+        pin_memory=pin_memory,
     )

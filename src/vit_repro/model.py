@@ -42,6 +42,8 @@ __all__ = [
     "ViTConfig",
     "parse_model_name",
     "PatchEmbed",
+    "ATTENTION_KERNELS",
+    "attention_kernel",
     "Attention",
     "Mlp",
     "Block",
@@ -50,6 +52,7 @@ __all__ = [
     "to_torchvision_state_dict",
     "load_torchvision_weights",
     "count_parameters",
+    "forward_macs",
     "model_summary",
 ]
 
@@ -212,23 +215,53 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+ATTENTION_KERNELS = ("auto", "sdpa", "matmul")
+
+
+def attention_kernel(choice: str, q: Tensor) -> str:
+    """The kernel ``choice`` runs for queries ``q``: ``auto`` is ``matmul`` for bfloat16/float16 on the CPU, else ``sdpa``.
+
+    On the CPU, PyTorch's fused SDPA kernel is slower than plain batched matmuls for reduced-precision
+    inputs (ViT-B/16 training step, batch 32, bf16 autocast, 2-core CPU: 11.6 s with SDPA, 9.9 s with
+    matmuls; ``vit-repro bench`` measures it). It is the faster one in float32 and on GPUs.
+    """
+    if choice != "auto":
+        return choice
+    reduced = q.dtype in (torch.bfloat16, torch.float16)
+    return "matmul" if reduced and q.device.type == "cpu" else "sdpa"
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (MSA) with a fused qkv projection and an output projection."""
 
-    def __init__(self, *, dim: int, num_heads: int, attention_dropout: float = 0.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        attention_dropout: float = 0.0,
+        dropout: float = 0.0,
+        attention: str = "auto",
+    ) -> None:
         """
         Args:
             dim: token width D; must be divisible by ``num_heads``.
             num_heads: number of attention heads.
             attention_dropout: dropout on the attention weights (training only).
             dropout: dropout after the output projection.
+            attention: kernel for softmax(q k^T / sqrt(d)) v, the same function either way:
+                ``"sdpa"`` (fused ``F.scaled_dot_product_attention``), ``"matmul"`` (two batched
+                matmuls and a softmax) or ``"auto"`` (see ``attention_kernel``).
         """
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"hidden dim {dim} is not divisible by the number of heads {num_heads}")
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {attention!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attention_dropout = attention_dropout
+        self.attention = attention
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = _dropout(dropout)
@@ -239,7 +272,11 @@ class Attention(nn.Module):
         # One reshape to (3, B, heads, N, head_dim); q/k/v are views of it.
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         p = self.attention_dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        if attention_kernel(self.attention, q) == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            weights = F.dropout(((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(-1), p)
+            x = weights @ v
         x = x.transpose(1, 2).reshape(b, n, d)
         return self.proj_drop(self.proj(x))
 
@@ -280,6 +317,7 @@ class Block(nn.Module):
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
         ln_eps: float = 1e-6,
+        attention: str = "auto",
     ) -> None:
         """
         Args:
@@ -289,10 +327,13 @@ class Block(nn.Module):
             dropout: dropout after the attention output projection and the MLP's dense layers.
             attention_dropout: dropout on the attention weights.
             ln_eps: LayerNorm epsilon.
+            attention: attention kernel, see ``Attention``.
         """
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
-        self.attn = Attention(dim=dim, num_heads=num_heads, attention_dropout=attention_dropout, dropout=dropout)
+        self.attn = Attention(
+            dim=dim, num_heads=num_heads, attention_dropout=attention_dropout, dropout=dropout, attention=attention
+        )
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.mlp = Mlp(dim=dim, mlp_dim=mlp_dim, dropout=dropout)
 
@@ -320,10 +361,12 @@ class VisionTransformer(nn.Module):
     ``blocks`` (``nn.Sequential`` of ``Block``), ``norm`` (final LayerNorm), ``heads``.
     """
 
-    def __init__(self, cfg: ViTConfig) -> None:
+    def __init__(self, cfg: ViTConfig, attention: str = "auto") -> None:
         """
         Args:
             cfg: the architecture; see ``ViTConfig`` and ``parse_model_name``.
+            attention: attention kernel of every block (``auto``, ``sdpa`` or ``matmul``); an
+                implementation choice, not part of the architecture: see ``attention_kernel``.
         """
         super().__init__()
         if not isinstance(cfg, ViTConfig):
@@ -345,6 +388,7 @@ class VisionTransformer(nn.Module):
                     dropout=cfg.dropout,
                     attention_dropout=cfg.attention_dropout,
                     ln_eps=cfg.ln_eps,
+                    attention=attention,
                 )
                 for _ in range(cfg.num_layers)
             )
@@ -609,6 +653,22 @@ def load_torchvision_weights(model: VisionTransformer, sd: Mapping[str, Tensor])
     assert not result.unexpected_keys, result.unexpected_keys
     assert all(_is_head_key(k) for k in result.missing_keys), result.missing_keys
     return list(result.missing_keys)
+
+
+def forward_macs(cfg: ViTConfig) -> int:
+    """Multiply-accumulates of one image's forward pass, counted from the configuration.
+
+    With N patches, T = N + 1 tokens, width D, MLP width M and patch side P: patch embedding N·3P²·D;
+    per block qkv 3TD², attention scores and weighted sum 2T²D, output projection TD², MLP 2TDM; the
+    head (and pre-logits layer) on the class token. Elementwise work is not counted. ViT-B/16 at
+    224 px: 17.56 G (the figure the benchmark's GFLOP/s use, with 2 FLOPs per MAC).
+    """
+    t, d = cfg.seq_len, cfg.hidden_dim
+    patch = cfg.num_patches * cfg.in_channels * cfg.patch_size**2 * d
+    block = 3 * t * d * d + 2 * t * t * d + t * d * d + 2 * t * d * cfg.mlp_dim
+    rep = cfg.representation_size
+    head = (d * rep + rep * cfg.num_classes) if rep else d * cfg.num_classes
+    return patch + cfg.num_layers * block + head
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -183,7 +183,7 @@ def fit(
     rank, world = rank_and_world()
     per_process_batch(cfg.batch_size, world)
     # every process iterates the same global micro-batches, in the same seeded order
-    loader = make_loader(train[0], train[1], cfg.batch_size, shuffle=True, seed=seed)
+    loader = make_loader(train[0], train[1], cfg.batch_size, shuffle=True, seed=seed, pin_memory=device.type == "cuda")
     num_images, accum = len(train[1]), cfg.grad_accum_steps
     total_steps = cfg.epochs * optimisation_steps(num_images, cfg)
     warmup = scaled_warmup_steps(cfg, total_steps)
@@ -487,7 +487,7 @@ def _run(
         "git_dirty": dirty,
         **tracking.versions(),
         "device": str(device),
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "precision": cfg.train.precision,
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
         "started_at": started_at.isoformat(timespec="seconds"),
@@ -621,7 +621,8 @@ def _pretrained_record(cfg: RunConfig, features_dir: Path | None) -> dict[str, A
     return {k: backbone[k] for k in ("name", "label", "model", "source", "sha256", "source_sha256", "pretraining", "transform")}
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """A readable name of the compute device: the GPU model, or the CPU with its thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
