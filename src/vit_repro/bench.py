@@ -398,7 +398,8 @@ def dvc_noop(repo: Path, repeats: int) -> dict[str, Any]:
     dvc = shutil.which("dvc")
     if dvc is None:
         return {"skipped": "dvc is not on PATH"}
-    status = subprocess.run([dvc, "status", "--json"], cwd=repo, capture_output=True, text=True)
+    # the pipeline's stages only (what `dvc repro` runs), not other .dvc files that were never pulled
+    status = subprocess.run([dvc, "status", "dvc.yaml", "--json"], cwd=repo, capture_output=True, text=True)
     if status.returncode != 0:
         return {"skipped": f"`dvc status` failed in {repo}: {status.stderr.strip()[-300:]}"}
     changed = json.loads(status.stdout or "{}")
@@ -578,8 +579,8 @@ def format_tables(result: dict[str, Any], markdown: bool = False) -> str:
             ["decoding the JPEGs every epoch (the seed's way)", f"{d['decode_epoch_s']:.3f}"]]))
     if "dvc_noop" in result:
         n = result["dvc_noop"]
-        value = f"{n['seconds']:.1f}" if "seconds" in n else f"skipped: {n['skipped']}"
-        tables.append((["dvc repro, nothing to do", "seconds"], [[f"{n.get('stages', '?')} stages", value]]))
+        row = [f"{n['stages']} stages up to date", f"{n['seconds']:.1f}"] if "seconds" in n else [f"skipped: {n['skipped']}", "-"]
+        tables.append((["dvc repro, nothing to do", "seconds"], [row]))
     if result.get("targets"):
         tables.append((["target", "value", "needed", "met", "detail"], [
             [t["target"], f"{t['value']:.3g}", f"{t['direction']} {t['threshold']:g}", "yes" if t["met"] else "NO",
