@@ -36,6 +36,7 @@ def test_build_model_gives_the_same_architecture_from_each_library() -> None:
               if (m := bench.build_model(kind, cfg)) is not None}
     assert {"vit_repro", "torchvision"} <= set(counts)
     assert len(set(counts.values())) == 1, counts
+    assert bench.build_model("vit_repro", cfg, attention="matmul").blocks[0].attn.attention == "matmul"
     with pytest.raises(ValueError, match="unknown model kind"):
         bench.build_model("jax", cfg)
 

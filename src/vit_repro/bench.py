@@ -79,6 +79,8 @@ class BenchConfig:
     experiments: Path = Path("experiments")
     prepared: Path | None = None  # default data/prepared/<data.dataset>
     repo: Path = Path(".")
+    attention: str = "auto"  # our model's attention kernel (model.ATTENTION_KERNELS)
+    compile: bool = False  # torch.compile our model in the train and inference sections
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -144,10 +146,13 @@ def _tf32(allowed: bool) -> Iterator[None]:
 
 # --------------------------------------------------------------------------------------------- models
 
-def build_model(kind: str, cfg: ViTConfig) -> nn.Module | None:
-    """The same architecture from three implementations; ``None`` when ``kind``'s library is missing."""
+def build_model(kind: str, cfg: ViTConfig, attention: str = "auto") -> nn.Module | None:
+    """The same architecture from three implementations; ``None`` when ``kind``'s library is missing.
+
+    ``attention``: our model's attention kernel (the others always use fused SDPA).
+    """
     if kind == "vit_repro":
-        return VisionTransformer(cfg)
+        return VisionTransformer(cfg, attention=attention)
     common = dict(patch_size=cfg.patch_size, num_heads=cfg.num_heads, num_classes=cfg.num_classes)
     if kind == "torchvision":
         from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
@@ -164,6 +169,11 @@ def build_model(kind: str, cfg: ViTConfig) -> nn.Module | None:
     raise ValueError(f"unknown model kind {kind!r}; choose from {', '.join(MODELS)}")
 
 
+def _maybe_compile(model: nn.Module, kind: str, bc: BenchConfig) -> nn.Module:
+    """``torch.compile`` our model when asked (the first, warm-up, call pays the compilation)."""
+    return torch.compile(model) if bc.compile and kind == "vit_repro" else model
+
+
 def _throughput_row(section: str, model: str, precision: str, times: list[float], images: int,
                     flops_per_image: float, ceilings: dict[str, float], **extra: Any) -> dict[str, Any]:
     seconds = statistics.median(times)
@@ -176,22 +186,29 @@ def _throughput_row(section: str, model: str, precision: str, times: list[float]
     }
 
 
+def _built_models(bc: BenchConfig, vit: ViTConfig) -> Iterator[tuple[str, nn.Module]]:
+    """Each selected implementation that is installed, initialised from the same seed, on the device."""
+    for kind in bc.models:
+        torch.manual_seed(0)
+        module = build_model(kind, vit, bc.attention)
+        if module is not None:
+            yield kind, module.to(bc.device)
+
+
+def _precisions(device: torch.device) -> tuple[str, ...]:
+    return PRECISIONS if _bf16_ok(device) else ("fp32",)
+
+
 def train_steps(bc: BenchConfig, vit: ViTConfig, ceilings: dict[str, float]) -> list[dict[str, Any]]:
     """Images/s of a full training step (Adam, cross-entropy) per model and precision, on random images."""
     device = bc.device
     x = torch.randn(bc.batch_size, 3, bc.image_size, bc.image_size, device=device)
     y = torch.randint(0, vit.num_classes, (bc.batch_size,), device=device)
     jobs, names = {}, {}
-    for kind in bc.models:
-        torch.manual_seed(0)
-        model = build_model(kind, vit)
-        if model is None:
-            continue
-        model.to(device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)  # as train.build_optimizer
-        for precision in PRECISIONS:
-            if precision == "bf16" and not _bf16_ok(device):
-                continue
+    for kind, module in _built_models(bc, vit):
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-4, foreach=True)  # as train.build_optimizer
+        model = _maybe_compile(module.train(), kind, bc)
+        for precision in _precisions(device):
 
             def step(model=model, optimizer=optimizer, precision=precision) -> None:
                 with _autocast(device, precision):
@@ -200,8 +217,7 @@ def train_steps(bc: BenchConfig, vit: ViTConfig, ceilings: dict[str, float]) -> 
                 loss.backward()
                 optimizer.step()
 
-            jobs[f"{kind}/{precision}"] = step
-            names[f"{kind}/{precision}"] = (kind, precision)
+            jobs[f"{kind}/{precision}"], names[f"{kind}/{precision}"] = step, (kind, precision)
     times = interleaved_medians(jobs, device, bc.warmup, bc.repeats)
     flops = TRAIN_STEP_FLOPS_PER_FORWARD * 2 * forward_macs(vit)
     return [_throughput_row("train", *names[k], t, bc.batch_size, flops, ceilings) for k, t in times.items()]
@@ -212,24 +228,17 @@ def inference(bc: BenchConfig, vit: ViTConfig, ceilings: dict[str, float]) -> li
     device = bc.device
     x = torch.randn(bc.batch_size, 3, bc.image_size, bc.image_size, device=device)
     jobs, names = {}, {}
-    for kind in bc.models:
-        torch.manual_seed(0)
-        model = build_model(kind, vit)
-        if model is None:
-            continue
-        model.to(device).eval()
-        for precision in PRECISIONS:
-            if precision == "bf16" and not _bf16_ok(device):
-                continue
+    for kind, module in _built_models(bc, vit):
+        model = _maybe_compile(module.eval(), kind, bc)
+        for precision in _precisions(device):
 
             def forward(model=model, precision=precision) -> None:
                 with torch.inference_mode(), _autocast(device, precision):
                     model(x)
 
-            jobs[f"{kind}/{precision}"] = forward
-            names[f"{kind}/{precision}"] = (kind, precision)
+            jobs[f"{kind}/{precision}"], names[f"{kind}/{precision}"] = forward, (kind, precision)
         if kind == "vit_repro" and _bf16_ok(device):
-            half = build_model(kind, vit).to(device, torch.bfloat16).eval()
+            half = _maybe_compile(build_model(kind, vit, bc.attention).to(device, torch.bfloat16).eval(), kind, bc)
             xb = x.to(torch.bfloat16)
 
             def forward_bf16_weights() -> None:
@@ -471,7 +480,8 @@ def run_benchmark(bc: BenchConfig, log: Callable[[str], None] = print) -> dict[s
     result: dict[str, Any] = {
         "environment": environment(bc.device),
         "settings": {"model": bc.model, "batch": bc.batch_size, "image_size": bc.image_size, "warmup": bc.warmup,
-                     "repeats": bc.repeats, "forward_gmacs_per_image": forward_macs(vit) / 1e9},
+                     "repeats": bc.repeats, "forward_gmacs_per_image": forward_macs(vit) / 1e9,
+                     "attention": bc.attention, "compile": bc.compile},
     }
     ceilings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="vit-bench-") as tmp:
@@ -549,7 +559,8 @@ def format_tables(result: dict[str, Any], markdown: bool = False) -> str:
         f"dvc {env['dvc']}, python {env['python']}; git {env['git_commit'][:12]}{' (dirty)' if env['git_dirty'] else ''}",
         f"{result['settings']['model']}, batch {result['settings']['batch']}, {result['settings']['image_size']} px, "
         f"{result['settings']['forward_gmacs_per_image']:.2f} GMACs/image forward; medians of "
-        f"{result['settings']['repeats']} timed repeats after {result['settings']['warmup']} warm-up",
+        f"{result['settings']['repeats']} timed repeats after {result['settings']['warmup']} warm-up; vit_repro attention "
+        f"{result['settings']['attention']}{', torch.compile' if result['settings']['compile'] else ''}",
         "",
     ]
     tables: list[tuple[list[str], list[list[str]]]] = []
@@ -585,6 +596,8 @@ def format_tables(result: dict[str, Any], markdown: bool = False) -> str:
         tables.append((["target", "value", "needed", "met", "detail"], [
             [t["target"], f"{t['value']:.3g}", f"{t['direction']} {t['threshold']:g}", "yes" if t["met"] else "NO",
              t["detail"]] for t in result["targets"]]))
+    if markdown:  # hard line breaks between the heading lines
+        lines = [line + "  " if line else line for line in lines]
     for header, rows in tables:
         lines += _table(header, rows, markdown) + [""]
     return "\n".join(lines)

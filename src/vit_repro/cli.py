@@ -119,7 +119,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         device=resolve_device(args.device), sections=tuple(args.sections), model=args.model, batch_size=args.batch,
         image_size=args.image_size, warmup=args.warmup, repeats=args.repeats, matmul_size=args.matmul_size,
         models=tuple(args.models), seeds=tuple(args.seeds), seed_epochs=args.seed_epochs, params=args.params,
-        experiments=args.experiments, prepared=args.prepared, repo=args.repo,
+        experiments=args.experiments, prepared=args.prepared, repo=args.repo, attention=args.attention,
+        compile=args.compile,
     )
     result = run_benchmark(bc, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_tables(result))
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-epochs", type=int, default=2, help="epochs of the seed's approach actually timed")
     p.add_argument("--prepared", type=Path, help="prepared dataset (default: data/prepared/<data.dataset>)")
     p.add_argument("--repo", type=Path, default=Path("."), help="DVC repository for the `dvc repro` no-op timing")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "matmul"],
+                   help="our model's attention kernel (default auto: matmul for bf16 on the CPU, else fused SDPA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (train and inference sections)")
     p.add_argument("--out", type=Path, help="write the results here as JSON, and as Markdown next to it (.md)")
 
     p = add("predict", cmd_predict, "classify images with a trained run's weights")
