@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
                     out = work / backbone / precision / f"seed{seed}"
                     metrics = run(cfg, prepared, out, features_dir=features.get(precision), progress=False)
                     recorded = json.loads((out / "run.json").read_text())["provenance"]["precision"]
+                    if recorded != precision:
+                        raise RuntimeError(f"{out}/run.json records precision {recorded!r}, the run used {precision!r}")
                     rows.append({"precision": precision, "recorded_precision": recorded, "seed": seed,
                                  **{k: metrics[k] for k in ("test_acc", "test_loss", "train_loss", "train_images_per_s",
                                                             "wall_time_s")}})

@@ -10,10 +10,13 @@ the first time, and these tests start from a store that does not exist yet, the 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,7 +53,7 @@ def queue_status(repo: DvcRepo) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def queued(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> DvcRepo:
+def queued(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Iterator[DvcRepo]:
     """Two queued variants of one tiny scratch stage, run by two parallel workers on a store not yet created."""
     repo = create_dvc_repo(tmp_path_factory.mktemp("queue") / "repo", PROJECT_FILES, remote_url=shared_dir / "datasets",
                            commit=False)
@@ -66,11 +69,16 @@ def queued(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> DvcRep
     assert not (repo.path / "mlflow.db").exists()
     for name, lr in VARIANTS.items():
         repo.dvc("exp", "run", "--queue", TARGET, "-S", f"train.lr={lr}", "-n", name)
-    repo.dvc("queue", "start", "-j", "2")
+    # the workers are daemons that outlive `dvc queue start`: give them a file, not this process's pipe,
+    # so a worker that lingers after the queue is empty (seen once: asleep for minutes) cannot block the test
+    with open(repo.path.parent / "queue-start.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo.path, env=repo.env,
+                       stdout=log, stderr=subprocess.STDOUT, check=True)
     deadline = time.monotonic() + 400
     while (status := queue_status(repo)) and any(s in ("Queued", "Running") for s in status.values()):
         if time.monotonic() > deadline:
             repo.dvc("queue", "kill", *VARIANTS, check=False)
+            kill_processes_in(repo.path)
             pytest.fail(f"queue not finished after 400s: {status}")
         time.sleep(10)
     logs = {name: repo.dvc("queue", "logs", name, check=False) for name in VARIANTS}
@@ -78,7 +86,18 @@ def queued(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> DvcRep
     assert set(status) == set(VARIANTS) and set(status.values()) == {"Success"}, (
         f"{status}\n" + "\n".join(f"=== {n}\n{p.stdout[-3000:]}{p.stderr[-3000:]}" for n, p in logs.items())
     )
-    return repo
+    yield repo
+    kill_processes_in(repo.path)
+
+
+def kill_processes_in(folder: Path) -> None:
+    """Kill what still runs in ``folder`` (a queue worker that did not exit); Linux /proc only."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if Path(os.readlink(proc / "cwd")).is_relative_to(folder):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def test_both_queued_runs_land_in_the_repo_store(queued: DvcRepo) -> None:
