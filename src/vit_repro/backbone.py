@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from .config import BackboneSpec
 from .fsutil import staged_dir
 from .data import ImageTransform, load_split, pretrained_transform, read_summary
-from .model import VisionTransformer, load_torchvision_weights, parse_model_name
+from .model import VisionTransformer, autocast, load_torchvision_weights, parse_model_name
 
 WEIGHTS_FILE = "backbone.safetensors"
 INFO_FILE = "backbone.json"
@@ -158,10 +158,9 @@ def extract_features(
     """Class-token features (N, D) of uint8 images (N, 3, H, W), in float32 whatever the compute precision."""
     model.eval().to(device)
     out = []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for start in range(0, len(images), batch_size):
         batch = transform.normalize(images[start : start + batch_size].to(device, non_blocking=True))
-        with autocast:
+        with autocast(device, precision):
             out.append(model.forward_features(batch).float().cpu())
     return torch.cat(out)
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import ViTConfig, VisionTransformer, forward_macs, parse_model_name
+from .model import ViTConfig, VisionTransformer, autocast, bf16_supported, forward_macs, parse_model_name
 
 SECTIONS = ("ceilings", "train", "inference", "frozen", "data", "dvc")
 MODELS = ("vit_repro", "torchvision", "timm")
@@ -98,14 +98,6 @@ def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def _bf16_ok(device: torch.device) -> bool:
-    return device.type != "cuda" or torch.cuda.is_bf16_supported()
-
-
 def interleaved_medians(
     jobs: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int
 ) -> dict[str, list[float]]:
@@ -124,7 +116,7 @@ def interleaved_medians(
 
 def matmul_ceilings(device: torch.device, size: int, warmup: int, repeats: int) -> dict[str, float]:
     """GFLOP/s of ``size x size`` matmuls in float32 (TF32 off) and bfloat16: the compute ceilings."""
-    dtypes = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if _bf16_ok(device) else {})
+    dtypes = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if bf16_supported(device) else {})
     out = {}
     with _tf32(False):
         for name, dtype in dtypes.items():
@@ -196,7 +188,7 @@ def _built_models(bc: BenchConfig, vit: ViTConfig) -> Iterator[tuple[str, nn.Mod
 
 
 def _precisions(device: torch.device) -> tuple[str, ...]:
-    return PRECISIONS if _bf16_ok(device) else ("fp32",)
+    return PRECISIONS if bf16_supported(device) else ("fp32",)
 
 
 def train_steps(bc: BenchConfig, vit: ViTConfig, ceilings: dict[str, float]) -> list[dict[str, Any]]:
@@ -211,7 +203,7 @@ def train_steps(bc: BenchConfig, vit: ViTConfig, ceilings: dict[str, float]) -> 
         for precision in _precisions(device):
 
             def step(model=model, optimizer=optimizer, precision=precision) -> None:
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     loss = F.cross_entropy(model(x).float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -233,11 +225,11 @@ def inference(bc: BenchConfig, vit: ViTConfig, ceilings: dict[str, float]) -> li
         for precision in _precisions(device):
 
             def forward(model=model, precision=precision) -> None:
-                with torch.inference_mode(), _autocast(device, precision):
+                with torch.inference_mode(), autocast(device, precision):
                     model(x)
 
             jobs[f"{kind}/{precision}"], names[f"{kind}/{precision}"] = forward, (kind, precision)
-        if kind == "vit_repro" and _bf16_ok(device):
+        if kind == "vit_repro" and bf16_supported(device):
             half = _maybe_compile(build_model(kind, vit, bc.attention).to(device, torch.bfloat16).eval(), kind, bc)
             xb = x.to(torch.bfloat16)
 
@@ -254,7 +246,7 @@ def inference(bc: BenchConfig, vit: ViTConfig, ceilings: dict[str, float]) -> li
 
 # --------------------------------------------------------------------------------------------- frozen
 
-def _bench_params(bc: BenchConfig, backbone_file: Path, vit: ViTConfig):
+def _bench_params(bc: BenchConfig, backbone_file: Path):
     """params.yaml with a study whose frozen backbone is ``backbone_file`` and whose recipes are the grid."""
     from .config import BackboneSpec, StudyPreset, load_params
 
@@ -277,9 +269,9 @@ def frozen_study(bc: BenchConfig, vit: ViTConfig, prepared: Path, work: Path) ->
     this process; under DVC each run is also a new process (``process_start_s`` measures that cost).
     """
     from . import train
-    from .backbone import compute_features, fetch, load_backbone
+    from .backbone import compute_features, fetch, load_backbone, transform_for
     from .config import resolve_run
-    from .data import load_split, pretrained_transform, read_summary
+    from .data import load_split, read_summary
     from .model import to_torchvision_state_dict
     from safetensors.torch import save_file
 
@@ -288,10 +280,10 @@ def frozen_study(bc: BenchConfig, vit: ViTConfig, prepared: Path, work: Path) ->
     weights = work / "backbone.safetensors"
     state = to_torchvision_state_dict(VisionTransformer(vit).state_dict())
     save_file({k: v.contiguous() for k, v in state.items()}, weights)
-    params, spec = _bench_params(bc, weights, vit)
+    params, spec = _bench_params(bc, weights)
     fetch(spec, "bench", work / "pretrained")
     cache = work / "cache"
-    transform = pretrained_transform(spec.resize, spec.crop, spec.interpolation)
+    transform = transform_for(spec)
     for split in ("train", "test"):  # decode once, untimed: the data section times decoding
         load_split(prepared, split, transform, cache)
 
@@ -320,12 +312,12 @@ def frozen_study(bc: BenchConfig, vit: ViTConfig, prepared: Path, work: Path) ->
         for start_ in range(0, len(train_split.labels), configs[0].train.batch_size):
             stop = start_ + configs[0].train.batch_size
             xb = transform.normalize(train_split.images[start_:stop].to(device))
-            with _autocast(device, seed_precision):
+            with autocast(device, seed_precision):
                 loss = F.cross_entropy(model(xb).float(), train_split.labels[start_:stop].to(device))
             head_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             head_optimizer.step()
-        with torch.inference_mode(), _autocast(device, seed_precision):
+        with torch.inference_mode(), autocast(device, seed_precision):
             for start_ in range(0, len(test_split.labels), 64):
                 model(transform.normalize(test_split.images[start_:start_ + 64].to(device)))
 

@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports"))
 
     from .bench import MODELS, SECTIONS
+    from .model import ATTENTION_KERNELS
 
     p = add("bench", cmd_bench, "measure the study's costs on this machine against its matmul ceilings (one process)")
     with_params(p)
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-epochs", type=int, default=2, help="epochs of the seed's approach actually timed")
     p.add_argument("--prepared", type=Path, help="prepared dataset (default: data/prepared/<data.dataset>)")
     p.add_argument("--repo", type=Path, default=Path("."), help="DVC repository for the `dvc repro` no-op timing")
-    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "matmul"],
+    p.add_argument("--attention", default="auto", choices=ATTENTION_KERNELS,
                    help="our model's attention kernel (default auto: matmul for bf16 on the CPU, else fused SDPA)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (train and inference sections)")
     p.add_argument("--out", type=Path, help="write the results here as JSON, and as Markdown next to it (.md)")

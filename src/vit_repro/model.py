@@ -53,6 +53,8 @@ __all__ = [
     "load_torchvision_weights",
     "count_parameters",
     "forward_macs",
+    "autocast",
+    "bf16_supported",
     "model_summary",
 ]
 
@@ -653,6 +655,16 @@ def load_torchvision_weights(model: VisionTransformer, sd: Mapping[str, Tensor])
     assert not result.unexpected_keys, result.unexpected_keys
     assert all(_is_head_key(k) for k in result.missing_keys), result.missing_keys
     return list(result.missing_keys)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast can run on ``device`` (every CPU; GPUs that support bf16)."""
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The context a model runs in for ``precision``: bfloat16 autocast for ``bf16``, nothing for ``fp32``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def forward_macs(cfg: ViTConfig) -> int:

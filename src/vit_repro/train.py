@@ -56,7 +56,7 @@ from .distributed import (
     torchrun_env,
 )
 from .fsutil import staged_dir
-from .model import VisionTransformer, count_parameters, parse_model_name
+from .model import VisionTransformer, autocast, bf16_supported, count_parameters, parse_model_name
 from .schedule import lr_at
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
@@ -80,7 +80,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def check_precision(precision: str, device: torch.device) -> None:
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and not bf16_supported(device):
         raise RuntimeError(f"bf16 autocast is not supported on {torch.cuda.get_device_name(device)}; use precision: fp32")
 
 
@@ -138,7 +138,7 @@ def evaluate(
     for start in range(0, len(inputs), batch_size):
         x = prepare(inputs[start : start + batch_size].to(device, non_blocking=True))
         y = labels[start : start + batch_size].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, precision):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         pred = logits.argmax(1).cpu()
@@ -218,7 +218,7 @@ def fit(
             inputs, labels = inputs.tensor_split(world)[rank], labels.tensor_split(world)[rank]
             x, y = prepare(inputs.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             with nullcontext() if last or net is model else net.no_sync():  # DDP all-reduces once per step
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                with autocast(device, cfg.precision):
                     logits = net(x)
                 loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
                 # DDP averages gradients over processes, so x world: the mean over the step's images
