@@ -1,162 +1,100 @@
-"""Test fixture: schema-exact run folders (docs/run-outputs.md) for chosen numbers, without training.
+"""Test fixture: schema-exact run folders (``record.RunRecord`` + CSVs) for chosen per-image predictions, without training.
 
-    params = fixture_params(recipes=["baseline", "paper"], seeds=[0, 1])
-    write_run(tmp_path / "runs", params, "scratch", "baseline", 0, correct="pizza")      # collapsed to pizza
-    write_run(tmp_path / "runs", params, "frozen", "paper", 1, correct=(24, 17, 29))     # 70/75 correct
-    write_run(tmp_path / "runs", params, "frozen", "paper", 1, ..., status="FAILED")     # a failed run
+    params = fixture_params(tmp_path)                               # a small study: arms vit (scratch), head, probe
+    study = {cfg.run_name: cfg for cfg in resolve_study(params, EXPERIMENTS)}
+    write_run(runs, cfg, correct=0.8, seed_rng=rng)                 # each test image right with probability 0.8
+    write_run(runs, cfg, predict=0)                                 # collapsed: class 0 for every image
 
-``correct`` is the number of correctly classified test images per class (pizza, steak, sushi; the
-test split holds 25, 19 and 31), or a class name for a collapsed run that predicts only that class.
-The confusion matrix, per-class accuracy, test_acc, collapsed and predicted_classes all follow from it.
-Everything else is a deterministic function of the arguments, so two writes give identical bytes.
-run.json follows what ``vit_repro.train`` writes (docs/run-outputs.md plus ``model.image_size``,
-``pretrained.source_sha256``, ``provenance.started_at``/``finished_at``) and adds ``data.source``,
-which the report shows when present.
+The test set is ``TEST_LABELS`` (30 images, 10 per class). Every field of the record follows from the
+arguments through the project's own code (``runner.eval_record``, ``runner.schedule_for``), so the report
+reads exactly what training writes.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Sequence
 from pathlib import Path
 
-from vit_repro.config import (
-    PAPER_IMAGENET_STEPS,
-    PAPER_WARMUP_STEPS,
-    Params,
-    StudyConfig,
-    load_params,
-    resolve_run,
+import numpy as np
+import torch
+import yaml
+
+from vit_repro.config import Params, RunConfig, load_params
+from vit_repro.models import describe
+from vit_repro.record import (
+    HISTORY_FILE, PREDICTIONS_FILE, RECORD_FILE, STEPS_FILE, BackboneRecord, DataRecord, MlflowRecord, ProvenanceRecord, RunRecord,
+    write_csv, write_json,
 )
-from vit_repro.model import parse_model_name
-from vit_repro.schedule import lr_at
+from vit_repro.runner import EPOCH_COLUMNS, STEP_COLUMNS, _schedule_record, eval_record, schedule_for
+from vit_repro.train import Evaluation
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("pizza", "steak", "sushi")
-TRAIN_COUNTS = {"pizza": 78, "steak": 75, "sushi": 72}
-TEST_COUNTS = {"pizza": 25, "steak": 19, "sushi": 31}
-DIGEST = "sha256:" + "ab" * 32
+EXPERIMENTS = REPO / "experiments"
+TEST_LABELS = np.repeat([0, 1, 2], 10)
+IMAGE_IDS = [f"{i:016x}" for i in range(len(TEST_LABELS))]
+CLASSES = ["pizza", "steak", "sushi"]
 
 
-def fixture_params(recipes: Sequence[str] = ("baseline", "warmup", "paper"), seeds: Sequence[int] = (0, 1),
-                   study: str = "cpu-small") -> Params:
-    """The repository's params.yaml with a smaller study (the cpu-small models: Ti/16 and ViT-S/14 DINOv2)."""
-    params = load_params(REPO / "params.yaml")
-    return params.model_copy(update={"study": StudyConfig(name=study, seeds=list(seeds), recipes=list(recipes))})
+def fixture_params(tmp_path: Path, **report) -> Params:
+    """The repository's params.yaml with a small study: a scratch ViT, the frozen head and the probe."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["scratch"] = {"vit": raw["scratch"]["vit"] | {"recipes": {"225": ["baseline", "clip"]}, "seeds": 4,
+                                                      "image_size": 32}}
+    raw["frozen"]["head"] |= {"recipes": {"225": ["baseline", "clip", "baseline-keep-last", "clip-keep-last"],
+                                          "450": ["baseline"]}, "seeds": 5}
+    raw["studies"] = {"cpu": raw["studies"]["cpu"]}
+    raw["report"] = raw["report"] | {"versus": [], "bootstrap_draws": 200} | report
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_params(path)
 
 
-def vit_param_count(name: str, image_size: int, num_classes: int) -> int:
-    """Parameters of our ViT (Table 1 sizes), counted by formula: embeddings, blocks, final norm, head."""
-    c = parse_model_name(name, image_size=image_size)
-    d, m = c.hidden_dim, c.mlp_dim
-    embed = 3 * c.patch_size**2 * d + d + d + (c.num_patches + 1) * d  # conv, its bias, class token, positions
-    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)  # 2 LN, qkv, proj, fc1, fc2
-    return embed + c.num_layers * block + 2 * d + d * num_classes + num_classes
+def predictions(correct: float, rng: np.random.Generator) -> np.ndarray:
+    """Per-image predictions: right with probability ``correct``, else the next class."""
+    right = rng.random(len(TEST_LABELS)) < correct
+    return np.where(right, TEST_LABELS, (TEST_LABELS + 1) % 3)
 
 
-def _confusion(correct: Sequence[int] | str) -> list[list[int]]:
-    """Rows true class, columns predicted; wrong answers of class i go to class i+1."""
-    n = len(CLASSES)
-    cm = [[0] * n for _ in range(n)]
-    for i, cls in enumerate(CLASSES):
-        if isinstance(correct, str):
-            cm[i][CLASSES.index(correct)] = TEST_COUNTS[cls]
-        else:
-            cm[i][i] = correct[i]
-            cm[i][(i + 1) % n] = TEST_COUNTS[cls] - correct[i]
-    return cm
-
-
-def write_run(
-    runs_dir: Path,
-    params: Params,
-    backbone: str,
-    recipe: str,
-    seed: int,
-    correct: Sequence[int] | str,
-    *,
-    test_loss: float = 1.0,
-    train_acc: float = 0.5,
-    train_loss: float = 0.9,
-    wall_time_s: float = 60.0,
-    train_images_per_s: float = 40.0,
-    status: str = "FINISHED",
-) -> Path:
-    """Write ``runs_dir/<backbone>/<recipe>/seed<seed>/`` {metrics.json, history.csv, steps.csv, run.json}."""
-    cfg = resolve_run(params, backbone, recipe, seed, experiments_dir=REPO / "experiments")
-    t = cfg.train
-    out = Path(runs_dir) / backbone / recipe / f"seed{seed}"
-    out.mkdir(parents=True, exist_ok=True)
-
-    cm = _confusion(correct)
-    n_test = sum(TEST_COUNTS.values())
-    n_correct = sum(cm[i][i] for i in range(len(CLASSES)))
-    predicted = sum(1 for j in range(len(CLASSES)) if any(row[j] for row in cm))
-    metrics = {"test_acc": n_correct / n_test, "test_loss": test_loss, "test_correct": n_correct, "test_images": n_test,
-               "train_acc": train_acc, "train_loss": train_loss, "wall_time_s": wall_time_s,
-               "train_images_per_s": train_images_per_s, "collapsed": predicted == 1, "predicted_classes": predicted}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
-    steps_per_epoch = math.ceil(sum(TRAIN_COUNTS.values()) / t.batch_size)
-    total = steps_per_epoch * t.epochs
-    warm = math.ceil(t.warmup_fraction * total) if t.warmup else 0  # the paper's fraction of training
-    lrs = [lr_at(s, t.lr, total, warm, t.decay) for s in range(total)]
-    lines = ["step,epoch,lr,loss,grad_norm"]
-    for s in range(total):  # a loss that falls and a gradient norm that starts above 1 and settles below it
-        loss = train_loss + 0.2 * math.exp(-s / 20)
-        grad = 0.4 + 2.0 * math.exp(-s / 15) + 0.05 * seed + 0.1 * math.sin(s)
-        lines.append(f"{s},{s // steps_per_epoch + 1},{lrs[s]:.8g},{loss:.6f},{grad:.6f}")
-    (out / "steps.csv").write_text("\n".join(lines) + "\n")
-
-    lines = ["epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_time_s"]
-    for e in range(1, t.epochs + 1):
-        k = (t.epochs - e) / t.epochs  # 0 at the last epoch, which shows the final numbers
-        lines.append(f"{e},{train_loss + 0.3 * k:.6f},{train_acc * (1 - 0.4 * k):.6f},{test_loss + 0.2 * k:.6f},"
-                     f"{metrics['test_acc'] * (1 - 0.3 * k):.6f},{lrs[e * steps_per_epoch - 1]:.8g},"
-                     f"{wall_time_s / t.epochs:.3f}")
-    (out / "history.csv").write_text("\n".join(lines) + "\n")
-
-    vit = parse_model_name(cfg.model, image_size=cfg.image_size)
-    total_params = vit_param_count(cfg.model, cfg.image_size, len(CLASSES))
-    head = vit.hidden_dim * len(CLASSES) + len(CLASSES)
-    pretrained = None
-    if cfg.pretrained is not None:
-        p = cfg.pretrained
-        pretrained = {"name": cfg.pretrained_name, "label": p.label, "model": p.model, "source": p.source,
-                      "sha256": p.sha256 or "cd" * 32, "source_sha256": p.sha256 or "ef" * 32,
-                      "pretraining": p.pretraining,
-                      "transform": {"resize": p.resize, "crop": p.crop, "interpolation": p.interpolation}}
-    run_index = params.study.recipes.index(recipe) * 10 + seed + (0 if backbone == "scratch" else 100)
-    info = {
-        "status": status, "variant": cfg.variant, "backbone": backbone, "recipe": recipe, "seed": seed,
-        "study": params.study.name,
-        "config": cfg.model_dump(mode="json"),
-        "schedule": {"total_steps": total, "steps_per_epoch": steps_per_epoch, "warmup_steps": warm,
-                     "paper_warmup_steps": PAPER_WARMUP_STEPS, "paper_total_steps": PAPER_IMAGENET_STEPS,
-                     "warmup_fraction": t.warmup_fraction if t.warmup else 0.0},
-        "model": {"name": cfg.model, "params_total": total_params,
-                  "params_trainable": head if backbone == "frozen" else total_params, "layers": vit.num_layers,
-                  "hidden": vit.hidden_dim, "mlp": vit.mlp_dim, "heads": vit.num_heads, "patch": vit.patch_size,
-                  "image_size": vit.image_size},
-        "data": {"dataset": cfg.dataset, "digest": DIGEST, "classes": list(CLASSES),
-                 "source": "../shared/datasets/pizza_steak_sushi.zip",
-                 "counts": {"train": TRAIN_COUNTS | {"total": sum(TRAIN_COUNTS.values())},
-                            "test": TEST_COUNTS | {"total": n_test}}},
-        "pretrained": pretrained,
-        "evaluation": {"classes": list(CLASSES), "confusion_matrix": cm,
-                       "per_class_accuracy": {c: cm[i][i] / TEST_COUNTS[c] for i, c in enumerate(CLASSES)}},
-        "provenance": {"git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False,
-                       "torch": "2.14.1", "torchvision": "0.29.1", "mlflow": "3.17.2", "python": "3.11.7",
-                       "platform": "Linux-x86_64", "device": "cpu", "device_name": "cpu (x86_64, 2 threads)",
-                       "precision": "fp32",
-                       "dvc_stage": f"train-{backbone}@{recipe}-{seed}",
-                       "started_at": f"2025-01-01T{run_index // 60:02d}:{run_index % 60:02d}:00+00:00",
-                       "finished_at": f"2025-01-01T{run_index // 60:02d}:{run_index % 60:02d}:30+00:00"},
-        "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment_id": "1",
-                   "experiment_name": f"vit-repro/{params.study.name}",
-                   "run_id": f"{run_index:032x}", "parent_run_id": f"{1000 + run_index:032x}",
-                   "weights_artifact": "weights/model.safetensors" if seed in t.weights_for_seeds else None},
-    }
-    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out
+def write_run(runs_dir: Path, cfg: RunConfig, predict: np.ndarray | int, commit: str = "c0ffee" * 6 + "abcd",
+              dirty: bool = False) -> Path:
+    """The folder ``runs_dir/<cfg.out_dir>`` as training writes it, for the given test predictions."""
+    pred = np.full(len(TEST_LABELS), predict) if isinstance(predict, int) else np.asarray(predict)
+    labels = torch.tensor(TEST_LABELS)
+    losses = torch.tensor(np.where(pred == TEST_LABELS, 0.3, 1.6), dtype=torch.float64)
+    test = Evaluation(labels, torch.tensor(pred), losses, 3)
+    n_train = 450 if cfg.train_set == "450" else 225
+    schedule = schedule_for(cfg, n_train)
+    record = RunRecord(
+        variant=cfg.variant, run_name=cfg.run_name, config=cfg, schedule=_schedule_record(cfg, schedule, 1),
+        model=describe(cfg.model, cfg.image_size, 3),
+        data=DataRecord(classes=CLASSES, train_set=cfg.train_set, train_images=n_train,
+                        train_counts={c: n_train // 3 for c in CLASSES}, train_digest=f"sha256:{cfg.train_set}",
+                        test_images=len(TEST_LABELS), test_counts={c: 10 for c in CLASSES}, test_digest="sha256:test",
+                        datasets={"pizza_steak_sushi": "sha256:ds"}, source="https://example.invalid/data"),
+        backbone=BackboneRecord(name="vit_s14_dinov2", label="ViT-S/14 (test)", model="S/14", source="file",
+                                origin="test", sha256="b" * 64, pretraining="test", provenance="test fixture",
+                                transform={"resize": 256, "crop": 224, "interpolation": "bicubic"}, features_key="f" * 16,
+                                features_precision="fp32") if cfg.kind == "frozen" else None,
+        search={"C": 1.0} if cfg.train.optimizer == "lbfgs" else None,
+        train=eval_record(test), test=eval_record(test),
+        provenance=ProvenanceRecord(
+            git_commit=commit, git_dirty=dirty, params_digest="p" * 12, code_digest="c" * 16, python="3.11", torch="2",
+            torchvision="0", mlflow="3", platform="linux", device="cpu", device_name="cpu (test)", threads=1,
+            precision="fp32", dvc_stage="", started_at="2026-01-01T00:00:00+00:00",
+            finished_at=f"2026-01-01T00:{cfg.seed:02d}:00+00:00", wall_time_s=1.0, train_seconds=0.5,
+            train_images_per_s=100.0),
+        mlflow=MlflowRecord(store="sqlite:///mlflow.db", experiment_name="vit-repro/cpu", experiment_id="1",
+                            run_id=f"run{cfg.seed}", parent_run_id="parent", weights_artifact=None, resumed_from=None),
+    )
+    folder = runs_dir / cfg.out_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / RECORD_FILE, record.model_dump(mode="json"))
+    bacc = test.balanced_accuracy
+    write_csv(folder / HISTORY_FILE, [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5, "test_loss": 1.0,
+                                       "test_acc": test.accuracy, "test_balanced_acc": bacc, "lr": 1e-3,
+                                       "epoch_time_s": 0.1} for e in (1, 2)], EPOCH_COLUMNS)
+    write_csv(folder / STEPS_FILE, [{"step": s, "epoch": 1 + s // 7, "lr": schedule.lr(s), "loss": 1.0, "grad_norm": 0.5 + s % 3,
+                                     "images": 32} for s in range(14)], STEP_COLUMNS)
+    write_csv(folder / PREDICTIONS_FILE, [{"image": i, "label": int(y), "prediction": int(p), "loss": float(l)}
+                                          for i, y, p, l in zip(IMAGE_IDS, TEST_LABELS, pred, losses.tolist())],
+              ["image", "label", "prediction", "loss"])
+    return folder

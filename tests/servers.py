@@ -3,7 +3,7 @@
 ``start_mlflow("server", "--backend-store-uri", uri, ...)`` or ``start_mlflow("ui", ...)`` returns a
 ``MlflowServer`` once ``GET /health`` answers (bounded wait; the log tail is in the failure message;
 ``wait=False`` returns at once and ``server.wait_ready()`` waits later);
-``stop_mlflow`` ends it and its worker processes. Tests use the ``mlflow_servers`` fixture (conftest),
+``stop_mlflow`` ends it and its worker processes, ``kill_mlflow`` kills them at once (a crash). Tests use the ``mlflow_servers`` fixture (conftest),
 which stops every server it started. ``MlflowServer.api`` reads the REST API with plain HTTP.
 """
 
@@ -88,16 +88,17 @@ def mlflow_executable() -> str:
     return str(exe) if exe.exists() else "mlflow"
 
 
-def start_mlflow(command: str, *args: str, cwd: Path, wait: bool = True) -> MlflowServer:
-    """``mlflow <command> <args> --host 127.0.0.1 --port <free> --workers 1`` in ``cwd``.
+def start_mlflow(command: str, *args: str, cwd: Path, wait: bool = True, port: int | None = None) -> MlflowServer:
+    """``mlflow <command> <args> --host 127.0.0.1 --port <port> --workers 1`` in ``cwd`` (``port``: a free one by
+    default; pass a killed server's port to restart it where its clients look for it).
 
     With ``wait`` (the default) it returns once the server is healthy (``wait_ready``); without, at once,
     so the caller can do other work while it starts (5-30 s on a busy 2-core machine) and call
     ``wait_ready`` later. The server runs in its own session so that ``stop_mlflow`` ends its uvicorn
     workers too; its output goes to ``cwd/mlflow-<command>-<port>.log``.
     """
-    port = free_port()
-    log = Path(cwd) / f"mlflow-{command}-{port}.log"
+    port = port or free_port()
+    log = Path(cwd) / f"mlflow-{command}-{port}-{time.time_ns()}.log"
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job runner: one process less
@@ -121,6 +122,12 @@ def stop_mlflow(server: MlflowServer, timeout_s: float = 20.0) -> None:
     _signal_group(server.proc.pid, signal.SIGKILL)  # workers that outlived the main process
     if server.proc.poll() is None:
         server.proc.wait(timeout=10)
+
+
+def kill_mlflow(server: MlflowServer) -> None:
+    """SIGKILL the server's whole process group at once, as a crash or an OOM kill would: no clean shutdown."""
+    _signal_group(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(timeout=30)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -1,4 +1,4 @@
-"""Settings: the repository's params.yaml and recipes load; bad values fail early, naming the key.
+"""Settings: the repository's params.yaml, its studies and recipes load; bad values fail early, naming the key.
 
 ``write_params`` (also used by test_train.py and test_tracking.py) writes a modified copy of the
 repository's params.yaml.
@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from vit_repro.config import ConfigError, load_params, load_recipe, resolve_run, resolve_study
+from vit_repro import paper
+from vit_repro.config import ConfigError, load_params, load_recipe, resolve_arm, resolve_run, resolve_study
 
 REPO = Path(__file__).resolve().parents[1]
-DINOV2_FILE = "vit_s14_dinov2_p14_224.safetensors"
 
 
 def deep_update(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
@@ -33,12 +33,9 @@ def deep_update(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def write_params(path: Path, updates: dict[str, Any] | None = None, shared: Path | None = None) -> Path:
+def write_params(path: Path, updates: dict[str, Any] | None = None) -> Path:
     """The repo's params.yaml, deep-updated with ``updates``, written to ``path`` (a file or a folder)."""
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    if shared is not None:
-        data["backbones"]["vit_s14_dinov2"]["path"] = str(shared / "pretrained" / DINOV2_FILE)
-    data = deep_update(data, updates or {})
+    data = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), updates or {})
     path = Path(path)
     if path.is_dir():
         path = path / "params.yaml"
@@ -67,142 +64,136 @@ def vit_repro() -> str:
 
 def test_repo_params_and_every_recipe_load(repo_root):
     params = load_params(repo_root / "params.yaml")
-    assert params.study.name in params.studies
     recipes = sorted(p.stem for p in (repo_root / "experiments").glob("*.yaml"))
-    assert {"baseline", "warmup", "decay", "clip", "paper"} <= set(recipes)
-    for name in recipes:
-        overrides = load_recipe(name, repo_root / "experiments")
-        cfg = resolve_run(params, "scratch", name, 0, repo_root / "experiments")
-        for key, value in overrides.items():
-            assert getattr(cfg.train, key) == value, f"{name}.yaml sets {key}={value!r}, the run has {getattr(cfg.train, key)!r}"
-    paper = resolve_run(params, "scratch", "paper", 0, repo_root / "experiments").train
-    assert (paper.warmup, paper.decay, paper.clip_grad_norm) == (True, "cosine", 1.0)
-    baseline = resolve_run(params, "scratch", "baseline", 0, repo_root / "experiments").train
-    assert (baseline.warmup, baseline.decay, baseline.clip_grad_norm) == (False, "none", None)
+    for recipe in recipes:
+        load_recipe(recipe, repo_root / "experiments")
+    used = {r for kind in ("scratch", "frozen") for arm in getattr(params, kind).values() for rs in arm.recipes.values()
+            for r in rs}
+    assert used <= set(recipes)
+    for path in (repo_root / "experiments").glob("*.yaml"):  # big_vision style: what it reproduces and what to expect
+        first, second = path.read_text().splitlines()[:2]
+        assert first.startswith("# ") and second.startswith("# Expect"), path.name
 
 
-def test_resolve_study_is_backbones_times_recipes_times_seeds(repo_root):
+def test_the_study_is_every_arm_times_its_recipes_times_its_seeds(repo_root):
     params = load_params(repo_root / "params.yaml")
     runs = resolve_study(params, repo_root / "experiments")
-    n = 2 * len(params.study.recipes) * len(params.study.seeds)
-    assert len(runs) == n == 2 * 5 * 3
-    assert len({(r.backbone, r.recipe, r.seed) for r in runs}) == n
-    assert {r.backbone for r in runs} == {"scratch", "frozen"}
-    assert {r.recipe for r in runs} == set(params.study.recipes)
-    assert {r.seed for r in runs} == set(params.study.seeds)
-    assert len({r.run_name for r in runs}) == n
+    expected = sum(arm.seeds * sum(len(r) for r in arm.recipes.values())
+                   for kind in ("scratch", "frozen") for arm in getattr(params, kind).values())
+    assert len(runs) == expected
+    assert len({r.run_name for r in runs}) == len(runs)  # identities are unique
+    head = [r for r in runs if r.arm == "head"]
+    assert {r.seed for r in head} == set(range(20))  # the frozen arm's power: 20 seeds
+    assert {(r.train_set, r.recipe) for r in head} >= {("225", "clip"), ("225", "clip-keep-last"), ("450", "baseline")}
 
 
-def test_backbone_sections_are_applied(repo_root):
+def test_arm_recipe_and_study_settings_are_applied_in_order(repo_root):
     params = load_params(repo_root / "params.yaml")
-    scratch = resolve_run(params, "scratch", "baseline", 1, repo_root / "experiments")
-    frozen = resolve_run(params, "frozen", "baseline", 1, repo_root / "experiments")
-    assert scratch.train.weight_decay == params.scratch.weight_decay == 0.1
-    assert frozen.train.weight_decay == params.frozen.weight_decay == 0.0
-    assert (scratch.model, scratch.image_size, scratch.dropout) == ("B/16", 224, 0.1)  # study "full"
-    assert (frozen.model, frozen.pretrained_name, frozen.dropout) == ("B/16", "vit_b16_imagenet1k", 0.0)
-    assert (scratch.variant, scratch.run_name) == ("scratch-baseline", "scratch-baseline/seed1")
+    seed = resolve_run(params, "scratch", "vit-seed", "225", "baseline", 0, repo_root / "experiments")
+    assert (seed.model, seed.image_size, seed.train.weight_decay, seed.train.drop_last) == ("vit:Ti/16", 224, 0.1, False)
+    vit = resolve_run(params, "scratch", "vit", "225", "paper", 1, repo_root / "experiments")
+    assert vit.train.warmup and vit.train.decay == "cosine" and vit.train.clip_grad_norm == 1.0  # the recipe
+    assert vit.train.optimizer == "adamw" and vit.train.lr_scaling == "sqrt"  # the arm
+    assert vit.train.effective_lr == pytest.approx(3e-3 * (32 / 4096) ** 0.5)  # the ImageNet row's rate, sqrt-scaled
+    assert vit.train.warmup_fraction == paper.WARMUP_FRACTION
+    head = resolve_run(params, "frozen", "head", "225", "clip-keep-last", 0, repo_root / "experiments")
+    assert head.model == f"vit:{params.backbone.model}" and head.backbone == params.backbone
+    assert head.train.drop_last is False and head.train.clip_grad_norm == 1.0
 
 
-def test_cpu_small_study_and_full_grid(tmp_path, repo_root):
-    path = write_params(tmp_path, {"study": {"name": "cpu-small", "seeds": [0, 1],
-                                             "recipes": ["baseline", "warmup", "decay", "clip", "warmup-decay",
-                                                         "warmup-clip", "decay-clip", "paper"]}})
-    runs = resolve_study(load_params(path), repo_root / "experiments")
-    assert len(runs) == 2 * 8 * 2
-    assert {r.model for r in runs if r.backbone == "scratch"} == {"Ti/16"}
-    assert {r.model for r in runs if r.backbone == "frozen"} == {"S/14"}
+def test_another_study_is_one_name_away(tmp_path, repo_root):
+    full = load_params(write_params(tmp_path, {"study": {"name": "full"}}))
+    assert full.backbone_name == "vit_b16_imagenet1k" and full.backbone.source == "torchvision"
+    assert full.scratch["vit-seed"].model == "vit:B/16"
+    gpu = load_params(write_params(tmp_path, {"study": {"name": "gpu"}}))
+    assert gpu.scratch["vit"].image_size == 224 and gpu.scratch["vit"].train["images_seen"] > \
+        load_params(repo_root / "params.yaml").scratch["vit"].train["images_seen"]
+    for name in ("cpu", "gpu", "full"):
+        resolve_study(load_params(write_params(tmp_path, {"study": {"name": name}})), repo_root / "experiments")
 
 
-# ----------------------------------------------------------------------------- rejections
-
-def _load_error(tmp_path: Path, updates: dict[str, Any]) -> str:
-    path = write_params(tmp_path, updates)
-    with pytest.raises(ConfigError) as info:
-        load_params(path)
-    return str(info.value)
-
+# ----------------------------------------------------------------------------- bad values name the key
 
 def test_unknown_key_names_the_key(tmp_path):
-    msg = _load_error(tmp_path, {"train": {"lrr": 0.01}})
-    assert "train.lrr" in msg and "unknown key" in msg
-    assert str(tmp_path / "params.yaml") in msg
+    with pytest.raises(ConfigError, match=r"train.lrr: unknown key"):
+        load_params(write_params(tmp_path, {"train": {"lrr": 0.01}}))
 
 
-def test_negative_lr(tmp_path):
-    msg = _load_error(tmp_path, {"train": {"lr": -1e-3}})
-    assert "train.lr" in msg and "greater than 0" in msg
+def test_negative_lr(tmp_path, repo_root):
+    with pytest.raises(ConfigError, match=r"train.lr: Input should be greater than 0"):
+        load_params(write_params(tmp_path, {"train": {"lr": -0.1}}))
+    params = load_params(write_params(tmp_path, {"scratch": {"vit": {"train": {"lr": -0.1}}}}))  # an arm's override
+    with pytest.raises(ConfigError, match=r"scratch.vit.train.*lr: Input should be greater than 0"):
+        resolve_study(params, repo_root / "experiments")
 
 
-@pytest.mark.parametrize("fraction", [1.0, -0.1, 1.5])
-def test_warmup_fraction_out_of_range(tmp_path, fraction):
-    msg = _load_error(tmp_path, {"train": {"warmup_fraction": fraction}})
-    assert "train.warmup_fraction" in msg and "[0, 1)" in msg and str(fraction) in msg
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
+def test_warmup_fraction_out_of_range(tmp_path, repo_root, fraction):
+    with pytest.raises(ConfigError, match="train.warmup_fraction"):
+        load_params(write_params(tmp_path, {"train": {"warmup_fraction": fraction}}))
 
 
-def test_unknown_decay(tmp_path):
-    msg = _load_error(tmp_path, {"train": {"decay": "exponential"}})
-    assert "train.decay" in msg and "cosine" in msg
+def test_unknown_decay(tmp_path, repo_root):
+    with pytest.raises(ConfigError, match="train.decay: Input should be 'none', 'cosine' or 'linear'"):
+        load_params(write_params(tmp_path, {"train": {"decay": "step"}}))
 
 
-@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:", "CPU"])
-def test_bad_device(tmp_path, device):
-    msg = _load_error(tmp_path, {"train": {"device": device}})
-    assert "train.device" in msg and repr(device) in msg
-
-
-@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
-def test_good_device_strings(tmp_path, device):
-    assert load_params(write_params(tmp_path, {"train": {"device": device}})).train.device == device
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])
+def test_bad_device(tmp_path, repo_root, device):
+    with pytest.raises(ConfigError, match="train.device: Value error, must be auto, cpu, cuda, cuda:N or mps"):
+        load_params(write_params(tmp_path, {"train": {"device": device}}))
 
 
 def test_unknown_study_name(tmp_path):
-    msg = _load_error(tmp_path, {"study": {"name": "huge"}})
-    assert "study.name 'huge'" in msg and "cpu-small" in msg and "full" in msg
+    with pytest.raises(ConfigError, match="study.name 'nope' is not one of studies"):
+        load_params(write_params(tmp_path, {"study": {"name": "nope"}}))
 
 
-def test_study_preset_with_unknown_backbone(tmp_path):
-    msg = _load_error(tmp_path, {"studies": {"full": {"frozen_backbone": "vit_x"}}})
-    assert "studies.full.frozen_backbone 'vit_x'" in msg
+def test_study_with_unknown_backbone_or_arm(tmp_path):
+    with pytest.raises(ConfigError, match="backbone 'nope' is not one of backbones"):
+        load_params(write_params(tmp_path, {"studies": {"cpu": {"backbone": "nope"}}}))
+    with pytest.raises(ConfigError, match=r"studies.cpu.scratch.vitt: no such arm"):
+        load_params(write_params(tmp_path, {"studies": {"cpu": {"scratch": {"vitt": {"seeds": 1}}}}}))
+
+
+def test_unknown_train_set_or_model(tmp_path):
+    with pytest.raises(ConfigError, match=r"train sets \['900'\] are not in data.train_sets"):
+        load_params(write_params(tmp_path, {"scratch": {"vit": {"recipes": {"900": ["paper"]}}}}))
+    with pytest.raises(ConfigError, match="unknown model 'vgg16'"):
+        load_params(write_params(tmp_path, {"scratch": {"vit": {"model": "vgg16"}}}))
 
 
 def test_unknown_recipe_lists_known_recipes(tmp_path, repo_root):
-    params = load_params(write_params(tmp_path, {"study": {"recipes": ["baseline", "papr"]}}))
-    with pytest.raises(ConfigError) as info:
+    params = load_params(write_params(tmp_path, {"scratch": {"vit": {"recipes": {"225": ["papr"]}}}}))
+    with pytest.raises(ConfigError, match="unknown recipe 'papr'") as info:
         resolve_study(params, repo_root / "experiments")
-    msg = str(info.value)
-    assert "unknown recipe 'papr'" in msg
-    assert "known recipes" in msg and "'paper'" in msg and "'baseline'" in msg
+    assert "'paper'" in str(info.value)
 
 
 def test_unknown_key_in_recipe_file(tmp_path, repo_root):
     experiments = tmp_path / "experiments"
     shutil.copytree(repo_root / "experiments", experiments)
-    (experiments / "typo.yaml").write_text("warmup: true\nclip_grad_nrom: 1.0\n")
-    with pytest.raises(ConfigError) as info:
-        resolve_run(load_params(repo_root / "params.yaml"), "scratch", "typo", 0, experiments)
-    msg = str(info.value)
-    assert "clip_grad_nrom" in msg and "unknown key" in msg and "typo.yaml" in msg
+    (experiments / "typo.yaml").write_text("# x\n# Expect: y\nwarmpu: true\n")
+    with pytest.raises(ConfigError, match="warmpu: unknown key"):
+        load_recipe("typo", experiments)
 
 
 def test_bad_value_in_recipe_file_names_the_recipe(tmp_path, repo_root):
     experiments = tmp_path / "experiments"
-    experiments.mkdir()
-    (experiments / "bad.yaml").write_text("decay: step\n")
-    with pytest.raises(ConfigError) as info:
-        resolve_run(load_params(repo_root / "params.yaml"), "scratch", "bad", 0, experiments)
-    msg = str(info.value)
-    assert "experiments/bad.yaml" in msg and "decay" in msg and "'cosine'" in msg
+    shutil.copytree(repo_root / "experiments", experiments)
+    (experiments / "paper.yaml").write_text("clip_grad_norm: -1\n")
+    with pytest.raises(ConfigError, match=r"experiments/paper.yaml.*clip_grad_norm"):
+        resolve_study(load_params(repo_root / "params.yaml"), experiments)
 
 
 def test_image_size_not_divisible_by_patch(tmp_path, repo_root):
-    params = load_params(write_params(tmp_path, {"scratch": {"image_size": 225}}))  # B/16 in the full study
+    params = load_params(write_params(tmp_path, {"scratch": {"vit": {"image_size": 60}}}))
     with pytest.raises(ConfigError, match="not divisible") as info:
         resolve_study(params, repo_root / "experiments")
-    assert "225" in str(info.value) and "B/16" in str(info.value)
+    assert "scratch.vit" in str(info.value)
 
 
-def test_recipe_file_must_be_a_mapping(tmp_path, repo_root):
+def test_recipe_file_must_be_a_mapping(tmp_path):
     experiments = tmp_path / "experiments"
     experiments.mkdir()
     (experiments / "list.yaml").write_text("- warmup\n- decay\n")
@@ -212,31 +203,23 @@ def test_recipe_file_must_be_a_mapping(tmp_path, repo_root):
 
 # ----------------------------------------------------------------------------- the command line
 
-def test_cli_check_rejects_bad_params(tmp_path, repo_root):
+def test_cli_check_rejects_bad_params_in_one_line(tmp_path, repo_root):
     bad = write_params(tmp_path, {"train": {"lrr": 0.01}})
-    proc = subprocess.run(
-        [vit_repro(), "check", "--params", str(bad), "--experiments", str(repo_root / "experiments")],
-        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
-    )
+    proc = subprocess.run([vit_repro(), "check", "--params", str(bad), "--experiments", str(repo_root / "experiments")],
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"error: invalid settings in {bad}") and "train.lrr: unknown key" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stdout == ""
 
 
-def test_cli_train_rejects_bad_params_before_training(tmp_path, repo_root, prepared_dir):
-    # the recipe being trained is fine; another recipe of the study is not: nothing may start
+def test_cli_train_rejects_a_bad_recipe_anywhere_in_the_study_before_training(tmp_path, repo_root):
     project = tmp_path / "project"
     project.mkdir()
     shutil.copytree(repo_root / "experiments", project / "experiments")
-    bad = write_params(project / "bad.yaml", {"study": {"recipes": ["baseline", "papr"]}})
-    proc = subprocess.run(
-        [vit_repro(), "train", "--params", str(bad), "--backbone", "scratch", "--recipe", "baseline", "--seed", "0",
-         "--prepared", str(prepared_dir), "--cache", str(tmp_path / "cache"), "--no-progress"],
-        cwd=project, env=cli_env(), capture_output=True, text=True, timeout=300,
-    )
+    bad = write_params(project / "params.yaml", {"scratch": {"resnet": {"recipes": {"225": ["papr"]}}}})
+    proc = subprocess.run([vit_repro(), "train", "--arm", "head", "--params", str(bad)],
+                          cwd=project, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: unknown recipe 'papr'") and "Traceback" not in proc.stderr
-    # nothing was started: no stage output, no MLflow store, no checkpoint, no decoded-image cache
-    assert sorted(p.name for p in project.iterdir()) == ["bad.yaml", "experiments"]
-    assert not (tmp_path / "cache").exists()
+    assert sorted(p.name for p in project.iterdir()) == ["experiments", "params.yaml"]  # nothing was started

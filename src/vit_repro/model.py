@@ -30,12 +30,13 @@ import dataclasses
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import paper
 
 __all__ = [
     "TABLE1",
@@ -48,24 +49,12 @@ __all__ = [
     "Mlp",
     "Block",
     "VisionTransformer",
-    "from_torchvision_state_dict",
-    "to_torchvision_state_dict",
-    "load_torchvision_weights",
     "count_parameters",
-    "forward_macs",
-    "autocast",
-    "bf16_supported",
-    "model_summary",
 ]
 
-# Model variants. B/L/H: the paper's Table 1. Ti/S are not in the paper; their sizes come from the
-# official code (google-research/vision_transformer, vit_jax/configs/models.py) and from DeiT.
-TABLE1: dict[str, dict] = {
-    "Ti": dict(num_layers=12, hidden_dim=192, mlp_dim=768, num_heads=3),
-    "S": dict(num_layers=12, hidden_dim=384, mlp_dim=1536, num_heads=6),
-    "B": dict(num_layers=12, hidden_dim=768, mlp_dim=3072, num_heads=12),
-    "L": dict(num_layers=24, hidden_dim=1024, mlp_dim=4096, num_heads=16),
-    "H": dict(num_layers=32, hidden_dim=1280, mlp_dim=5120, num_heads=16),
+# Model variants: the encoder sizes of paper.TABLE1 (B/L/H from the paper, Ti/S from the official code).
+TABLE1: dict[str, dict[str, int]] = {
+    key: dict(num_layers=v.layers, hidden_dim=v.hidden, mlp_dim=v.mlp, num_heads=v.heads) for key, v in paper.TABLE1.items()
 }
 
 
@@ -468,237 +457,6 @@ class VisionTransformer(nn.Module):
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes, representation_size=None)
 
 
-# --------------------------------------------------------------------------------------------------
-# torchvision <-> ours state-dict conversion
-
-_TV_LAYER = re.compile(r"^encoder\.layers\.encoder_layer_(\d+)\.(.+)$")
-_OUR_LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_TOP_TV_TO_OURS = {
-    "class_token": "cls_token",
-    "conv_proj.weight": "patch_embed.proj.weight",
-    "conv_proj.bias": "patch_embed.proj.bias",
-    "encoder.pos_embedding": "pos_embed",
-    "encoder.ln.weight": "norm.weight",
-    "encoder.ln.bias": "norm.bias",
-}
-_LAYER_TV_TO_OURS = {
-    "ln_1.weight": "norm1.weight",
-    "ln_1.bias": "norm1.bias",
-    "self_attention.in_proj_weight": "attn.qkv.weight",
-    "self_attention.in_proj_bias": "attn.qkv.bias",
-    "self_attention.out_proj.weight": "attn.proj.weight",
-    "self_attention.out_proj.bias": "attn.proj.bias",
-    "ln_2.weight": "norm2.weight",
-    "ln_2.bias": "norm2.bias",
-    "mlp.0.weight": "mlp.fc1.weight",
-    "mlp.0.bias": "mlp.fc1.bias",
-    "mlp.3.weight": "mlp.fc2.weight",
-    "mlp.3.bias": "mlp.fc2.bias",
-}
-_HEAD_KEYS = tuple(f"heads.{m}.{p}" for m in ("pre_logits", "head") for p in ("weight", "bias"))
-_TOP_OURS_TO_TV = {v: k for k, v in _TOP_TV_TO_OURS.items()}
-_LAYER_OURS_TO_TV = {v: k for k, v in _LAYER_TV_TO_OURS.items()}
-
-
-def _is_head_key(key: str) -> bool:
-    return key.startswith("heads.")
-
-
-def _tv_key_to_ours(key: str) -> str | None:
-    if key in _TOP_TV_TO_OURS:
-        return _TOP_TV_TO_OURS[key]
-    if key in _HEAD_KEYS:
-        return key  # same names on both sides
-    m = _TV_LAYER.match(key)
-    if m and m[2] in _LAYER_TV_TO_OURS:
-        return f"blocks.{m[1]}.{_LAYER_TV_TO_OURS[m[2]]}"
-    return None
-
-
-def _our_key_to_tv(key: str) -> str | None:
-    if key in _TOP_OURS_TO_TV:
-        return _TOP_OURS_TO_TV[key]
-    if key in _HEAD_KEYS:
-        return key
-    m = _OUR_LAYER.match(key)
-    if m and m[2] in _LAYER_OURS_TO_TV:
-        return f"encoder.layers.encoder_layer_{m[1]}.{_LAYER_OURS_TO_TV[m[2]]}"
-    return None
-
-
-def _expected_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every parameter of ``VisionTransformer(cfg)``, without building it."""
-    with torch.device("meta"):
-        model = VisionTransformer(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _bullets(items: list[str], limit: int = 20) -> str:
-    shown = [f"    {item}" for item in items[:limit]]
-    if len(items) > limit:
-        shown.append(f"    ... and {len(items) - limit} more")
-    return "\n".join(shown)
-
-
-def from_torchvision_state_dict(sd: Mapping[str, Tensor], cfg: ViTConfig | None = None) -> dict[str, Tensor]:
-    """Rename a torchvision ``VisionTransformer`` state dict to this module's names.
-
-    Head keys are optional (headless checkpoints). With ``cfg`` the backbone shapes are checked
-    against it. Raises ``ValueError`` listing keys that are not torchvision ViT keys or mis-shaped.
-    Tensors are not copied.
-    """
-    out: dict[str, Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        new = _tv_key_to_ours(key)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    if unknown:
-        raise ValueError(
-            "not keys of a torchvision VisionTransformer (conv-stem and other variants are not supported):\n"
-            + _bullets(sorted(unknown))
-        )
-    if cfg is not None:
-        expected = _expected_shapes(cfg)
-        bad = [
-            f"{k}: checkpoint {tuple(v.shape)}, config expects {expected[k]}"
-            for k, v in out.items()
-            if not _is_head_key(k) and k in expected and tuple(v.shape) != expected[k]
-        ]
-        extra = sorted(k for k in out if not _is_head_key(k) and k not in expected)
-        missing = sorted(k for k in expected if not _is_head_key(k) and k not in out)
-        problems = []
-        if bad:
-            problems.append("mis-shaped keys:\n" + _bullets(bad))
-        if extra:
-            problems.append(f"keys beyond the config's {cfg.num_layers} layers:\n" + _bullets(extra))
-        if missing:
-            problems.append("missing backbone keys:\n" + _bullets(missing))
-        if problems:
-            raise ValueError("torchvision state dict does not match the config:\n" + "\n".join(problems))
-    return out
-
-
-def to_torchvision_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename this module's state dict to torchvision ``VisionTransformer`` names (inverse of above)."""
-    out: dict[str, Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        new = _our_key_to_tv(key)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    if unknown:
-        raise ValueError("not keys of vit_repro's VisionTransformer:\n" + _bullets(sorted(unknown)))
-    return out
-
-
-def load_torchvision_weights(model: VisionTransformer, sd: Mapping[str, Tensor]) -> list[str]:
-    """Load a torchvision ``VisionTransformer`` state dict into ``model``, strictly.
-
-    Every backbone key must be present with exactly the model's shape, and nothing else may be in
-    the checkpoint. Head keys are loaded only when the model has them with the same shape; otherwise
-    (headless checkpoint, other number of classes, a pre-logits layer the model lacks) the model's
-    head is left as initialised. Returns the model's head keys that were not loaded.
-
-    Raises:
-        ValueError: listing unexpected, missing and mis-shaped keys.
-    """
-    own = model.state_dict()
-    converted: dict[str, Tensor] = {}
-    unexpected = []
-    for key, value in sd.items():
-        new = _tv_key_to_ours(key)
-        if new is None:
-            unexpected.append(key)
-        else:
-            converted[new] = value
-
-    mis_shaped, to_load = [], {}
-    for key, value in converted.items():
-        if key not in own:
-            if not _is_head_key(key):
-                n = model.cfg.num_layers
-                unexpected.append(f"{_our_key_to_tv(key)} (the model has {n} layer{'s' * (n != 1)})")
-            continue
-        if tuple(value.shape) != tuple(own[key].shape):
-            if _is_head_key(key):
-                continue
-            hint = ""
-            if key == "pos_embed":
-                hint = (f" (checkpoint has {value.shape[1]} tokens, the model {own[key].shape[1]}: "
-                        "different image or patch size)")
-            mis_shaped.append(
-                f"{_our_key_to_tv(key)}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}{hint}"
-            )
-            continue
-        to_load[key] = value
-    missing = [_our_key_to_tv(k) for k in own if not _is_head_key(k) and k not in to_load and k not in converted]
-
-    if unexpected or missing or mis_shaped:
-        parts = []
-        if unexpected:
-            parts.append("unexpected keys:\n" + _bullets(sorted(unexpected)))
-        if missing:
-            parts.append("missing keys:\n" + _bullets(missing))
-        if mis_shaped:
-            parts.append("mis-shaped keys:\n" + _bullets(mis_shaped))
-        raise ValueError(
-            f"checkpoint does not fit this ViT (layers={model.cfg.num_layers}, hidden={model.cfg.hidden_dim}, "
-            f"mlp={model.cfg.mlp_dim}, patch={model.cfg.patch_size}, image={model.cfg.image_size}):\n"
-            + "\n".join(parts)
-        )
-    result = model.load_state_dict(to_load, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    assert all(_is_head_key(k) for k in result.missing_keys), result.missing_keys
-    return list(result.missing_keys)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 autocast can run on ``device`` (every CPU; GPUs that support bf16)."""
-    return device.type != "cuda" or torch.cuda.is_bf16_supported()
-
-
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """The context a model runs in for ``precision``: bfloat16 autocast for ``bf16``, nothing for ``fp32``."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def forward_macs(cfg: ViTConfig) -> int:
-    """Multiply-accumulates of one image's forward pass, counted from the configuration.
-
-    With N patches, T = N + 1 tokens, width D, MLP width M and patch side P: patch embedding N·3P²·D;
-    per block qkv 3TD², attention scores and weighted sum 2T²D, output projection TD², MLP 2TDM; the
-    head (and pre-logits layer) on the class token. Elementwise work is not counted. ViT-B/16 at
-    224 px: 17.56 G (the figure the benchmark's GFLOP/s use, with 2 FLOPs per MAC).
-    """
-    t, d = cfg.seq_len, cfg.hidden_dim
-    patch = cfg.num_patches * cfg.in_channels * cfg.patch_size**2 * d
-    block = 3 * t * d * d + 2 * t * t * d + t * d * d + 2 * t * d * cfg.mlp_dim
-    rep = cfg.representation_size
-    head = (d * rep + rep * cfg.num_classes) if rep else d * cfg.num_classes
-    return patch + cfg.num_layers * block + head
-
-
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared ones once); only those with ``requires_grad`` if asked."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def model_summary(model: VisionTransformer, batch_size: int = 1, depth: int = 3) -> str:
-    """torchinfo table (input/output shapes and parameters per layer) for one forward pass."""
-    import torchinfo
-
-    cfg = model.cfg
-    stats = torchinfo.summary(
-        model,
-        input_size=(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size),
-        col_names=("input_size", "output_size", "num_params"),
-        depth=depth,
-        device=next(model.parameters()).device,
-        verbose=0,
-    )
-    return str(stats)

@@ -1,14 +1,20 @@
-"""MLflow: where runs are stored, how a run starts and ends, what it is tagged with.
+"""MLflow, and only here: where runs are stored, how a run starts, logs and ends, what it is tagged with.
 
 Default store: ``sqlite:///<repo>/mlflow.db`` with artifacts in ``<repo>/mlartifacts``. The repository
 is found through ``DVC_ROOT`` (set by DVC, and pointing at the real repository even when a queued
 experiment runs in a temporary copy), so ``dvc repro``, ``dvc exp run`` and ``dvc exp run --queue``
 all write to the same store. ``MLFLOW_TRACKING_URI`` overrides it (e.g. a tracking server).
 
-Parallel queue workers (``dvc queue start -j N``) may share the SQLite store: MLflow waits up to 20 s
-on a locked database, and ``store_lock`` serialises the one step that is not safe in parallel, the
-creation of a new store's tables (and of the study's experiment). For many workers or several machines
-use a tracking server instead (README, "Tracking server and parallel experiments").
+Layout in the UI: one experiment per study (``vit-repro/<study>``, kind "model training"); one parent
+run per variant and configuration (its name ends with the configuration digest; it carries the
+variant's shared parameters, its summary metrics once its seeds are done, and spans their duration);
+one nested run per seed.
+
+A server that stops answering cannot hang training: every request is bounded (``HTTP_LIMITS``), and the
+first request it leaves unanswered ends the stage with a ``TrackingError`` within ``REQUEST_BOUND_S``
+seconds (nothing more is sent to it), the run's last epoch checkpoint kept for the rerun. The run stays
+RUNNING on the server; like any run left RUNNING by a process that died, it is marked FAILED when any
+later run of the experiment starts.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -29,13 +37,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 LOCK_SUFFIX = "-init.lock"  # mlflow.db-init.lock, beside the store (ignored by git with /mlflow.db-*)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: open on the training runs
+# Per request: a 10 s timeout, 2 retries 1 s and 2 s apart; a user's own settings win.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}
+REQUEST_BOUND_S = 3 * 10 + 1 + 2  # the longest one request can take under HTTP_LIMITS
+HEARTBEAT_STALE_S = 6 * 3600  # a RUNNING run of another machine whose heartbeat is older is taken for dead
+EPOCH_METRICS = {"train_loss": "epoch_train_loss", "train_acc": "epoch_train_acc", "test_loss": "epoch_test_loss",
+                 "test_acc": "epoch_test_acc", "test_balanced_acc": "epoch_test_balanced_acc", "epoch_time_s": "epoch_seconds"}
+CODE_PATHS = ("src", "experiments", "dvc.yaml", "pyproject.toml", "data/manifests")  # what git_dirty looks at
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError):
     """The tracking backend is unusable; the message says which and how to fix it."""
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the tracking server did not answer: refused, reset, timed out.
+
+    MLflow wraps transport errors as ``MlflowException("API request to ... failed ...")``; the requests or
+    urllib3 error is in the exception's chain.
+    """
+    import requests
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            requests.exceptions.RetryError, ConnectionError, TimeoutError)):
+            return True
+        if type(exc).__name__ == "MlflowException" and str(exc).startswith("API request to "):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class Interrupted(BaseException):
+    """Raised from SIGTERM so the run ends as KILLED, like Ctrl-C."""
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -49,9 +92,28 @@ def repo_root(start: Path | None = None) -> Path:
     return here
 
 
+def in_repository(start: Path | None = None) -> bool:
+    root = repo_root(start)
+    return (root / ".dvc").is_dir() or (root / ".git").exists()
+
+
 def tracking_uri(root: Path | None = None) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store at the repository root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(root) / STORE_FILE}"
+
+
+def public_uri(uri: str, root: Path) -> str:
+    """``uri`` as a reader can use it: the repository's own store as ``sqlite:///mlflow.db`` (run from the root)."""
+    if uri == f"sqlite:///{root / STORE_FILE}":
+        return f"sqlite:///{STORE_FILE}"
+    parts = urllib.parse.urlsplit(uri)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname or "")) if parts.password else uri
+
+
+def bound_http_requests() -> None:
+    """Bounded MLflow HTTP timeouts and retries, unless the user set their own."""
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
 
 
 def check_backend(uri: str, timeout_s: float = 5.0) -> None:
@@ -64,8 +126,8 @@ def check_backend(uri: str, timeout_s: float = 5.0) -> None:
                     raise TrackingError(f"MLflow tracking server at {uri} answered HTTP {resp.status} on /health")
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
             raise TrackingError(
-                f"MLflow tracking server at {uri} is unreachable ({exc}). Start it (`mlflow server --host "
-                f"127.0.0.1 --port PORT`), fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store."
+                f"MLflow tracking server at {uri} is unreachable ({exc}); start it (`mlflow server --host 127.0.0.1 "
+                "--port PORT`), fix MLFLOW_TRACKING_URI, or unset it to use the local SQLite store"
             ) from None
     elif scheme == "sqlite":
         folder = Path(uri.removeprefix("sqlite:///")).parent
@@ -81,14 +143,13 @@ def store_lock(uri: str, timeout_s: float = 300.0) -> Iterator[None]:
 
     MLflow creates a new SQLite store's tables on first use without locking, so two queue workers
     starting together on a fresh store race ("table ... already exists") and one run is lost. Other
-    backends (servers, database servers) need no lock; without ``fcntl`` (Windows) there is none.
+    backends need no lock; without ``fcntl`` (Windows) there is none.
     """
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if not uri.startswith("sqlite:///") or fcntl is None:
         yield
         return
     store = Path(uri.removeprefix("sqlite:///"))
@@ -101,10 +162,8 @@ def store_lock(uri: str, timeout_s: float = 300.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TrackingError(
-                        f"waited {timeout_s:.0f}s for {lock}, held by another process opening the MLflow store; "
-                        "if no other run is starting, the holder is stuck: end it and retry"
-                    ) from None
+                    raise TrackingError(f"waited {timeout_s:.0f}s for {lock}, held by another process opening the "
+                                        "MLflow store; if no other run is starting, end the holder and retry") from None
                 time.sleep(0.2)
         try:
             yield
@@ -113,17 +172,18 @@ def store_lock(uri: str, timeout_s: float = 300.0) -> Iterator[None]:
 
 
 def git_state(root: Path) -> tuple[str, bool]:
-    """(commit, dirty) of the repository; ("unknown", True) outside git."""
+    """(commit, dirty): dirty means uncommitted changes to code, recipes or the pipeline (``CODE_PATHS``).
+
+    ``params.yaml`` is left out on purpose: ``dvc exp run -S`` edits it, and the run records its params
+    digest instead. Outputs written by earlier stages (``runs/``, ``dvc.lock``) are not code either.
+    """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout
+        return git("rev-parse", "HEAD").strip(), bool(git("status", "--porcelain", "--", *CODE_PATHS).strip())
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
-    return commit, bool(status.strip())
 
 
 def versions() -> dict[str, str]:
@@ -131,22 +191,17 @@ def versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "mlflow": mlflow.__version__,
-        "platform": platform.platform(),
-    }
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "mlflow": mlflow.__version__, "platform": platform.platform()}
 
 
-def config_digest(config: Mapping[str, Any]) -> str:
-    """Short stable digest of a configuration, used to group the seeds of one variant."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def digest(obj: Any) -> str:
+    """Short stable digest of JSON-able data (a configuration, a parameter file)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
-    """Nested config -> {"train.lr": "0.001", ...} for ``mlflow.log_params``."""
+    """Nested config -> {"train.lr": "0.001", ...} for MLflow params."""
     if isinstance(value, Mapping):
         out: dict[str, str] = {}
         for k, v in value.items():
@@ -155,129 +210,208 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: json.dumps(value) if isinstance(value, (list, tuple)) else str(value)}
 
 
+def _process_tags() -> dict[str, str]:
+    """Who runs this: a later process uses these to tell a live run from one whose process died."""
+    import psutil
+
+    me = psutil.Process()
+    return {"vit.host": socket.gethostname(), "vit.pid": str(me.pid), "vit.pid_started": f"{me.create_time():.2f}",
+            "vit.heartbeat": f"{time.time():.0f}"}
+
+
+def _process_dead(tags: Mapping[str, str]) -> str | None:
+    """Why the process that holds a RUNNING run is gone, or None if it may still be alive."""
+    import psutil
+
+    if tags.get("vit.host") == socket.gethostname() and "vit.pid" in tags:
+        try:
+            started = psutil.Process(int(tags["vit.pid"])).create_time()
+        except (psutil.NoSuchProcess, ValueError):
+            return f"process {tags['vit.pid']} on this machine has ended"
+        if f"{started:.2f}" != tags.get("vit.pid_started"):
+            return f"process {tags['vit.pid']} on this machine has ended (its id was reused)"
+        return None
+    beat = float(tags.get("vit.heartbeat", 0))
+    if time.time() - beat > HEARTBEAT_STALE_S:
+        return f"no heartbeat from {tags.get('vit.host', 'an unknown machine')} for over {HEARTBEAT_STALE_S // 3600} h"
+    return None
+
+
 @dataclass
 class RunHandle:
     run_id: str
-    experiment_id: str
-    experiment_name: str
-    parent_run_id: str
-    tracking_uri: str
+    parent_id: str
 
 
-def _experiment(client: Any, name: str, uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by a parallel worker
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
+class Tracker:
+    """One process's connection to the study's experiment: parents, seed runs, their metrics and files."""
+
+    def __init__(self, experiment_name: str, root: Path) -> None:
+        from mlflow.tracking import MlflowClient
+
+        bound_http_requests()
+        self.uri = tracking_uri(root)
+        self.root = root
+        check_backend(self.uri)
+        self.experiment_name = experiment_name
+        self.unanswered = False  # set once the server left a request unanswered: nothing more is sent to it
+        with self._answering("opening the experiment"), store_lock(self.uri):
+            # a new store's tables, and the experiment, are created by one worker at a time
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = self._experiment()
+        with self._answering("closing runs left RUNNING by dead processes"):
+            self.closed = self.close_dead_runs()
+
+    @contextmanager
+    def _answering(self, what: str) -> Iterator[None]:
+        """Turn a tracking server that stopped answering into one clear ``TrackingError`` (exit 2, no traceback)."""
+        try:
+            yield
+        except TrackingError:
             raise
-        return exp.experiment_id
+        except Exception as exc:
+            if not _unanswered(exc):
+                raise
+            self.unanswered = True
+            detail = " ".join(str(exc).split())[:300]
+            raise TrackingError(
+                f"the MLflow tracking server at {self.store} stopped answering while {what} ({detail}); training "
+                f"stopped (each request is bounded to {REQUEST_BOUND_S}s) and the last epoch checkpoint is kept: "
+                "restart the server, or fix MLFLOW_TRACKING_URI, and rerun `dvc repro` to resume"
+            ) from None
 
+    @property
+    def store(self) -> str:
+        return public_uri(self.uri, self.root)
 
-def _parent(client: Any, experiment_id: str, variant: str, digest: str, tags: Mapping[str, str]) -> str:
-    """The variant's parent run (one per variant and configuration), created on first use and left FINISHED."""
-    query = f"tags.`vit.variant` = '{variant}' AND tags.`vit.config_digest` = '{digest}' AND tags.`vit.kind` = 'variant'"
-    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=variant, tags={**tags, "vit.kind": "variant"})
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+    def _experiment(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                location = (Path(self.uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri()
+            try:
+                exp_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
+            except Exception:  # created concurrently by a parallel worker
+                exp = self.client.get_experiment_by_name(self.experiment_name)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+        else:
+            exp_id = exp.experiment_id
+        if (exp.tags if exp is not None else {}).get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+        return exp_id
 
+    def close_dead_runs(self) -> list[str]:
+        """Mark every RUNNING run of the experiment whose process is gone as FAILED; return their ids."""
+        closed = []
+        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+            why = _process_dead(run.data.tags)
+            if why is not None:
+                self.client.set_tag(run.info.run_id, "vit.failure", f"{why}; closed by a later run")
+                self.client.set_terminated(run.info.run_id, "FAILED")
+                closed.append(run.info.run_id)
+        return closed
 
-def close_stale_runs(client: Any, experiment_id: str, run_name: str, config_digest_: str) -> list[str]:
-    """Mark runs of this (variant, seed) left RUNNING by a killed process as FAILED; return their ids."""
-    query = (
-        f"attributes.run_name = '{run_name}' AND attributes.status = 'RUNNING' "
-        f"AND tags.`vit.config_digest` = '{config_digest_}'"
-    )
-    stale = [r.info.run_id for r in client.search_runs([experiment_id], filter_string=query)]
-    for run_id in stale:
-        client.set_tag(run_id, "vit.failure", "process ended without closing the run (killed); found by a later run")
-        client.set_terminated(run_id, "FAILED")
-    return stale
+    def _log(self, run_id: str, params: Mapping[str, str] = {}, metrics: Any = (), tags: Mapping[str, str] = {}) -> None:
+        """One request (or as few as MLflow's limits allow); ``metrics`` as (key, value, step) triples."""
+        from mlflow.entities import Metric, Param, RunTag
 
+        params_ = [Param(k, v[:6000]) for k, v in params.items()]
+        tags_ = [RunTag(k, v) for k, v in tags.items()]
+        metrics_ = [m if isinstance(m, Metric) else Metric(m[0], float(m[1]), int(time.time() * 1000), m[2])
+                    for m in metrics]
+        batches = max(-(-len(params_) // 100), -(-len(tags_) // 100), -(-len(metrics_) // 1000), 1)  # MLflow's limits
+        for i in range(batches):
+            self.client.log_batch(run_id, metrics=metrics_[i * 1000 : (i + 1) * 1000],
+                                  params=params_[i * 100 : (i + 1) * 100], tags=tags_[i * 100 : (i + 1) * 100])
 
-class Interrupted(BaseException):
-    """Raised from SIGTERM so the run ends as KILLED, like Ctrl-C."""
+    def parent(self, variant: str, config_digest: str, params: Mapping[str, str], tags: Mapping[str, str],
+               description: str) -> str:
+        """The variant's parent run for this configuration: found or created, RUNNING while its seeds train."""
+        with self._answering(f"opening the parent run of {variant}"):
+            return self._parent(variant, config_digest, params, tags, description)
 
+    def _parent(self, variant: str, config_digest: str, params: Mapping[str, str], tags: Mapping[str, str],
+                description: str) -> str:
+        query = (f"tags.`vit.variant` = '{variant}' AND tags.`vit.config_digest` = '{config_digest}' "
+                 "AND tags.`vit.kind` = 'variant'")
+        found = self.client.search_runs([self.experiment_id], query, max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self._log(run_id, tags=_process_tags())
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"{variant} · {config_digest[:8]}",
+                                     tags={**tags, **_process_tags(), "vit.kind": "variant",
+                                           "vit.config_digest": config_digest, "mlflow.note.content": description})
+        self._log(run.info.run_id, params=params)
+        return run.info.run_id
 
-@contextmanager
-def mlflow_run(
-    experiment_name: str,
-    run_name: str,
-    variant: str,
-    variant_digest: str,
-    tags: Mapping[str, str],
-) -> Iterator[RunHandle]:
-    """Start a nested run under the variant's parent; end it FINISHED, FAILED (error) or KILLED (signal)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    @contextmanager
+    def run(self, parent_id: str, name: str, params: Mapping[str, str], tags: Mapping[str, str]) -> Iterator[RunHandle]:
+        """A seed's run under ``parent_id``: FINISHED, FAILED (an error) or KILLED (Ctrl-C, SIGTERM) at the end."""
+        with self._answering(f"starting the run {name}"):
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={
+                **tags, **_process_tags(), "vit.kind": "seed", "mlflow.parentRunId": parent_id})
+            handle = RunHandle(run.info.run_id, parent_id)
+            self._log(handle.run_id, params=params)
 
-    uri = tracking_uri()
-    check_backend(uri)
-    mlflow.set_tracking_uri(uri)
-    with store_lock(uri):  # a new store's tables, and the experiment, are created by one worker at a time
-        client = MlflowClient(uri)
-        experiment_id = _experiment(client, experiment_name, uri)
-    close_stale_runs(client, experiment_id, run_name, variant_digest)
-    parent_id = _parent(client, experiment_id, variant, variant_digest, {k: v for k, v in tags.items() if k != "vit.seed"})
-    all_tags = {**tags, "vit.kind": "seed", "mlflow.parentRunId": parent_id}
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
+        def on_sigterm(signum: int, frame: Any) -> None:
+            raise Interrupted(f"signal {signum}")
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise Interrupted(f"signal {signum}")
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+        status = "FAILED"
+        try:
+            yield handle
+            status = "FINISHED"
+        except (KeyboardInterrupt, Interrupted):
+            status = "KILLED"
+            raise
+        except BaseException as exc:
+            if not self.unanswered:  # else the run stays RUNNING: the next start of a run marks it FAILED
+                self._end_quietly(handle.run_id, f"{type(exc).__name__}: {exc}"[:5000])
+            status = ""
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if status:
+                self._end_quietly(handle.run_id, None, status)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
-    status = "FAILED"
-    handle = RunHandle(run.info.run_id, experiment_id, experiment_name, parent_id, uri)
-    try:
-        yield handle
-        status = "FINISHED"
-    except (KeyboardInterrupt, Interrupted):
-        status = "KILLED"
-        raise
-    except BaseException as exc:
-        mlflow.set_tag("vit.failure", f"{type(exc).__name__}: {exc}"[:5000])
-        raise
-    finally:
-        mlflow.end_run(status)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    update_parent_summary(handle)  # only reached when the run FINISHED: it counts itself
+    def _end_quietly(self, run_id: str, failure: str | None, status: str = "FAILED") -> None:
+        """End a run; if the backend is gone too, leave it RUNNING for the next start to close."""
+        if self.unanswered:
+            return
+        try:
+            if failure is not None:
+                self.client.set_tag(run_id, "vit.failure", failure)
+            self.client.set_terminated(run_id, status)
+        except Exception:  # the backend itself failed: the original error is the one to report
+            pass
 
+    def log_history(self, run_id: str, steps: list[dict[str, float]], epochs: list[dict[str, float]]) -> None:
+        """Per-step and per-epoch metrics, in batched requests; the heartbeat moves on."""
+        metrics = [(key, row[key], int(row["step"])) for row in steps for key in ("loss", "lr", "grad_norm")]
+        metrics += [(name, row[key], int(row["epoch"])) for row in epochs for key, name in EPOCH_METRICS.items()
+                    if row[key] == row[key]]  # NaN: the test set was not evaluated that epoch
+        with self._answering(f"logging epoch {int(epochs[-1]['epoch']) if epochs else '?'}'s metrics"):
+            self._log(run_id, metrics=metrics, tags={"vit.heartbeat": f"{time.time():.0f}"})
 
-def _main_thread() -> bool:
-    import threading
+    def finish(self, run_id: str, final: Mapping[str, float], folder: Path, weights: Path | None) -> str | None:
+        """Final metrics, the run folder's files, and weights if given; returns the weights' artifact path."""
+        with self._answering("logging the run's final metrics and files"):
+            self._log(run_id, metrics=[(k, v, 0) for k, v in final.items()])
+            self.client.log_artifacts(run_id, str(folder))
+            if weights is None:
+                return None
+            self.client.log_artifacts(run_id, str(weights), "weights")
+        return "weights/model.safetensors"
 
-    return threading.current_thread() is threading.main_thread()
-
-
-def update_parent_summary(handle: RunHandle, metric: str = "final_test_acc") -> None:
-    """Log mean/std of a seed metric over the parent's finished seed runs, so the compare view shows variants.
-
-    The parent gets ``test_acc_mean``, ``test_acc_std`` and ``seeds_finished``.
-    """
-    import statistics
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(handle.tracking_uri)
-    children = client.search_runs(
-        [handle.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{handle.parent_run_id}' AND attributes.status = 'FINISHED'",
-    )
-    values = [r.data.metrics[metric] for r in children if metric in r.data.metrics]
-    if not values:
-        return
-    name = metric.removeprefix("final_")
-    client.log_metric(handle.parent_run_id, f"{name}_mean", statistics.fmean(values))
-    client.log_metric(handle.parent_run_id, f"{name}_std", statistics.stdev(values) if len(values) > 1 else 0.0)
-    client.log_metric(handle.parent_run_id, "seeds_finished", len(values))
-
+    def finish_parent(self, parent_id: str, summary: Mapping[str, float]) -> None:
+        """The variant's summary metrics (over its finished seeds); the parent ends FINISHED, spanning them."""
+        with self._answering("logging the variant's summary"):
+            self._log(parent_id, metrics=[(k, v, 0) for k, v in summary.items() if v == v])
+            self.client.set_terminated(parent_id, "FINISHED")

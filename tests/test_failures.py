@@ -1,0 +1,411 @@
+"""Nothing lost (issue 15): a stage that fails or is stopped leaves the last good result byte for byte.
+
+Every test works on a private copy of ``trained_study`` (conftest): a real git+DVC repo where
+``dvc repro train-scratch@vit`` has trained a tiny study (Ti/16 at 32 px, 2 seeds x 3 epochs, a
+checkpoint after every epoch) and everything is committed. The table of the issue, one test per row:
+
+- a fast failure of a train stage (typo'd key, negative lr, tracking server down, ``device: cuda`` on a
+  CPU machine): ``dvc repro`` fails, ``runs/vit`` and ``dvc.lock`` stay as committed, and the command
+  itself (``vit-repro train --arm vit``) exits 2 with one ``error:`` line naming the problem and the fix;
+- SIGINT, then SIGKILL, of a train stage mid-run: outputs unchanged each time; the reruns keep the runs
+  already finished in the staging area and resume the interrupted one from its checkpoint, and the end
+  result equals the uninterrupted run's;
+- SIGKILL, then a rerun with a changed parameter: the dead process's runs are marked FAILED, the stale
+  staging area (and its checkpoint) is removed with a message, the new parent run has its own
+  configuration digest and carries params, summary metrics and a duration spanning its seeds;
+- a tampered, then a truncated archive at the DVC remote: ``dvc repro prepare@...`` fails naming the
+  image or archive and the fix, ``dvc.lock``, ``params.yaml`` and ``data/prepared`` stay as they were;
+  with the good remote back it succeeds;
+- ``vit-repro check`` with ``train.device: cuda`` on a machine without CUDA: exit 2, one line.
+
+The tracking server killed mid-run is in test_server.py; ``predict`` in test_predict.py; the UI in test_ui.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import DvcRepo, TrainedStudy
+
+pytestmark = pytest.mark.slow
+
+ARM = "vit"
+STAGE = f"train-scratch@{ARM}"
+VARIANT = "vit/225/baseline"
+DATASET = "pizza_steak_sushi"
+EXPERIMENT = "vit-repro/cpu"
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def snapshot(root: Path, *paths: str) -> dict[str, str]:
+    """sha256 of every file under ``paths`` (files or folders, relative to ``root``), by relative path."""
+    out = {}
+    for rel in paths:
+        path = root / rel
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for f in files:
+            out[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def outputs(repo: DvcRepo) -> dict[str, str]:
+    """What a failed train stage must leave alone: the committed runs of the arm, dvc.lock, params.yaml."""
+    return snapshot(repo.path, f"runs/{ARM}", "dvc.lock", "params.yaml")
+
+
+def assert_git_clean(repo: DvcRepo, *paths: str) -> None:
+    status = repo.git("status", "--porcelain", "--untracked-files=all", "--", *paths).stdout
+    assert status == "", f"git status of {paths}:\n{status}"
+
+
+def error_line(stderr: str) -> str:
+    """The command's one ``error:`` line; no traceback."""
+    assert "Traceback" not in stderr, stderr[-4000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr[-4000:]
+    return lines[0]
+
+
+def edit_params(repo: DvcRepo, change) -> None:
+    raw = yaml.safe_load((repo.path / "params.yaml").read_text())
+    change(raw)
+    (repo.path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def vit_repro(repo: DvcRepo, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "vit-repro"
+    return subprocess.run([str(exe), *args], cwd=repo.path, env=env or repo.env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Background:
+    """``dvc repro`` running in its own process group (as a terminal's foreground job), output to a log file."""
+
+    def __init__(self, repo: DvcRepo, *args: str, log: Path) -> None:
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo.path, env=repo.env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, ready, what: str, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dvc exited {self.proc.returncode} before {what}:\n{self.text()[-4000:]}")
+            if time.monotonic() > deadline:
+                self.signal(signal.SIGKILL)
+                raise AssertionError(f"no {what} after {timeout_s:.0f}s:\n{self.text()[-4000:]}")
+            time.sleep(0.2)
+
+    def signal(self, sig: signal.Signals) -> int:
+        """Send ``sig`` to the whole group (DVC and the stage's command, like Ctrl-C); its exit status."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return self.proc.wait(timeout=120)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+
+def staging_areas(repo: DvcRepo) -> list[Path]:
+    return sorted((repo.path / ".cache" / "stages").glob(f"{ARM}-*"))
+
+
+def checkpoint(repo: DvcRepo, seed: int) -> Path | None:
+    found = [area / VARIANT / f"seed{seed}.checkpoint.pt" for area in staging_areas(repo)]
+    return next((p for p in found if p.is_file()), None)
+
+
+def seed_runs(repo: DvcRepo) -> list:
+    client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`vit.kind` = 'seed'",
+                                                     order_by=["attributes.start_time ASC"])
+
+
+def parent_runs(repo: DvcRepo) -> list:
+    client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`vit.kind` = 'variant'",
+                                                     order_by=["attributes.start_time ASC"])
+
+
+def results(runs: Path) -> dict[str, object]:
+    """What an uninterrupted run and a resumed one must agree on: every run's evaluations, curves and predictions
+    (history.csv without its wall-clock column)."""
+    import csv
+    import json
+
+    out: dict[str, object] = {}
+    for seed_dir in sorted(runs.glob("*/*/seed*")):
+        rel = str(seed_dir.relative_to(runs))
+        record = json.loads((seed_dir / "run.json").read_text())
+        out[f"{rel}:test"] = record["test"]
+        out[f"{rel}:train"] = record["train"]
+        with open(seed_dir / "history.csv") as fh:
+            out[f"{rel}:history"] = [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in csv.DictReader(fh)]
+        out[f"{rel}:steps"] = (seed_dir / "steps.csv").read_text()
+        out[f"{rel}:predictions"] = (seed_dir / "predictions.csv").read_text()
+    return out
+
+
+# ------------------------------------------------------------------------------- 1. fast failures
+
+def _typo(raw: dict) -> None:
+    raw["scratch"][ARM]["train"]["lrr"] = 0.01
+
+
+def _negative_lr(raw: dict) -> None:
+    raw["scratch"][ARM]["train"]["lr"] = -0.001
+
+
+def _cuda(raw: dict) -> None:
+    raw["scratch"][ARM]["train"]["device"] = "cuda"
+
+
+FAST_FAILURES = {
+    # case: (params change or None, extra environment, what the error line must say: the problem and the fix)
+    "typo-key": (_typo, {}, ["lrr", "unknown key", "check its spelling"]),
+    "negative-lr": (_negative_lr, {}, ["lr", "greater than 0"]),
+    "server-down": (None, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"},
+                    ["http://127.0.0.1:{port}", "unreachable", "start it", "MLFLOW_TRACKING_URI"]),
+    "cuda-on-cpu": (_cuda, {}, ["'cuda'", "CUDA is not available", "set train.device", "auto or cpu"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FAST_FAILURES))
+def test_fast_failure_of_a_train_stage_keeps_the_committed_runs(case: str, trained_study: TrainedStudy,
+                                                                tmp_path: Path) -> None:
+    change, extra, expected = FAST_FAILURES[case]
+    if case == "cuda-on-cpu" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: `device: cuda` is valid here")
+    started = time.monotonic()
+    repo = trained_study.copy(tmp_path / "repo")
+    port = str(free_port())
+    env = {**repo.env, **{k: v.format(port=port) for k, v in extra.items()}}
+    expected = [e.format(port=port) for e in expected]
+    if change is not None:
+        edit_params(repo, change)
+    before = outputs(repo)
+
+    # the stage is stale (its params changed) or forced; DVC runs it and it fails at once
+    args = ["repro", STAGE] if change is not None else ["repro", "--force", "--single-item", STAGE]
+    repro = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo.path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert repro.returncode != 0, repro.stdout[-3000:]
+    said = repro.stdout + repro.stderr
+    assert all(e in said for e in expected), said[-4000:]
+    assert f"failed to reproduce '{STAGE}'" in said, said[-4000:]
+    assert outputs(repo) == before  # runs/vit/**, dvc.lock and params.yaml byte for byte
+    assert_git_clean(repo, f"runs/{ARM}", "dvc.lock")
+
+    # the command itself: exit 2, one line naming the problem and the fix, no traceback
+    direct = vit_repro(repo, "train", "--arm", ARM, env=env)
+    assert direct.returncode == 2, direct.stderr[-4000:]
+    line = error_line(direct.stderr)
+    assert all(e in line for e in expected), line
+    assert outputs(repo) == before
+    assert_git_clean(repo, f"runs/{ARM}", "dvc.lock")
+    print(f"{case}: {line} ({time.monotonic() - started:.0f}s)")
+
+
+# ------------------------------------------------------------------------ 2. SIGINT and SIGKILL
+
+def test_sigint_then_sigkill_keep_outputs_and_the_rerun_resumes(trained_study: TrainedStudy, tmp_path: Path) -> None:
+    started = time.monotonic()
+    repo = trained_study.copy(tmp_path / "repo")
+    committed = results(repo.path / "runs" / ARM)
+    before = outputs(repo)
+    force = ("repro", "--force", "--single-item", STAGE)
+
+    # 1. Ctrl-C while seed 1 trains, once its first epoch is checkpointed (seed 0 is finished in the staging area)
+    run = Background(repo, *force, log=tmp_path / "sigint.log")
+    run.wait_for(lambda: checkpoint(repo, 1) is not None, "a checkpoint of seed 1")
+    rc = run.signal(signal.SIGINT)
+    assert rc != 0, run.text()[-3000:]
+    assert "interrupted: the MLflow run ended as KILLED" in run.text(), run.text()[-3000:]
+    assert outputs(repo) == before
+    assert_git_clean(repo, f"runs/{ARM}", "dvc.lock")
+    (area,) = staging_areas(repo)
+    assert (area / VARIANT / "seed0" / "run.json").is_file() and checkpoint(repo, 1) is not None
+    statuses = [(r.data.tags["vit.seed"], r.info.status) for r in seed_runs(repo)]
+    assert statuses == [("0", "FINISHED"), ("1", "KILLED")], statuses
+
+    # 2. SIGKILL of everything (DVC too) once the resumed seed 1 has checkpointed its second epoch
+    first = checkpoint(repo, 1).stat().st_mtime_ns
+    run = Background(repo, *force, log=tmp_path / "sigkill.log")
+    run.wait_for(lambda: (p := checkpoint(repo, 1)) is not None and p.stat().st_mtime_ns != first,
+                 "a second checkpoint of seed 1")
+    run.signal(signal.SIGKILL)
+    log = run.text()
+    assert f"{VARIANT}/seed0: already trained in this stage's staging area, kept" in log, log[-3000:]
+    assert f"{VARIANT}/seed1 epoch 1/" not in log, log[-3000:]  # resumed after epoch 1, not trained again
+    assert outputs(repo) == before
+    assert_git_clean(repo, f"runs/{ARM}", "dvc.lock")
+    assert staging_areas(repo) == [area] and checkpoint(repo, 1) is not None
+    assert [r.info.status for r in seed_runs(repo)] == ["FINISHED", "KILLED", "RUNNING"]  # the dead process's
+
+    # 3. the rerun finishes: seed 0 kept, seed 1 resumed from its last checkpoint; the dead run is closed
+    rerun = repo.dvc(*force)
+    said = rerun.stdout + rerun.stderr
+    assert f"{VARIANT}/seed0: already trained in this stage's staging area, kept" in said, said[-3000:]
+    assert "marked 2 run(s) left RUNNING by a dead process as FAILED" in said, said[-3000:]  # its seed and parent
+    assert f"{VARIANT}/seed1 epoch 3/3" in said and f"{VARIANT}/seed1 epoch 2/3" not in said, said[-3000:]
+    assert staging_areas(repo) == []  # replaced runs/vit whole, then removed
+    assert results(repo.path / "runs" / ARM) == committed  # exactly the uninterrupted run's results
+
+    runs = seed_runs(repo)
+    assert [r.info.status for r in runs] == ["FINISHED", "KILLED", "FAILED", "FINISHED"]
+    assert "has ended" in runs[2].data.tags["vit.failure"]
+    assert runs[3].data.tags["vit.resumed_from"] == runs[2].info.run_id  # the killed run's checkpoint
+    assert runs[3].data.tags["vit.resumed_at_epoch"] == "2"
+    print(f"SIGINT, SIGKILL and the resumed rerun: {time.monotonic() - started:.0f}s")
+
+
+# ---------------------------------------------------- 4. SIGKILL, then a rerun with another parameter
+
+def test_killed_run_is_closed_and_its_stale_checkpoint_removed_after_a_parameter_change(
+        trained_study: TrainedStudy, tmp_path: Path) -> None:
+    started = time.monotonic()
+    repo = trained_study.copy(tmp_path / "repo")
+    run = Background(repo, "repro", "--force", "--single-item", STAGE, log=tmp_path / "killed.log")
+    run.wait_for(lambda: checkpoint(repo, 0) is not None, "a checkpoint of seed 0")
+    run.signal(signal.SIGKILL)
+    (stale,) = staging_areas(repo)
+    old_parent = parent_runs(repo)[0]
+    assert old_parent.info.status == "RUNNING" and seed_runs(repo)[0].info.status == "RUNNING"
+
+    edit_params(repo, lambda raw: raw["scratch"][ARM]["train"].update(epochs=1))  # another configuration
+    rerun = repo.dvc("repro", STAGE)
+    said = rerun.stdout + rerun.stderr
+    assert f"{ARM}: removing {stale.name}, unfinished runs of an earlier configuration" in said, said[-3000:]
+    assert f"{ARM}: marked 2 run(s) left RUNNING by a dead process as FAILED" in said, said[-3000:]
+    assert not stale.exists() and staging_areas(repo) == []  # the orphaned checkpoint went with it
+
+    client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
+    old_seed, *new_seeds = seed_runs(repo)
+    for dead in (client.get_run(old_parent.info.run_id), client.get_run(old_seed.info.run_id)):
+        assert dead.info.status == "FAILED" and "has ended" in dead.data.tags["vit.failure"]
+    old, new = (client.get_run(p.info.run_id) for p in parent_runs(repo))
+    assert old.info.run_id == old_parent.info.run_id
+    # one parent per configuration: the digest in a tag and in the name
+    assert new.data.tags["vit.config_digest"] != old.data.tags["vit.config_digest"]
+    for parent in (old, new):
+        assert parent.info.run_name == f"{VARIANT} · {parent.data.tags['vit.config_digest'][:8]}"
+    assert new.info.status == "FINISHED"
+    assert new.data.params["train.epochs"] == "1" and old.data.params["train.epochs"] == "3"
+    assert new.data.params["model"] == "vit:Ti/16" and new.data.params["image_size"] == "32"
+    metrics = new.data.metrics
+    assert metrics["seeds_finished"] == 2
+    assert {"test_bacc_mean", "test_bacc_std", "test_acc_mean", "test_loss_mean"} <= set(metrics)
+    assert len(new_seeds) == 2 and {r.data.tags["mlflow.parentRunId"] for r in new_seeds} == {new.info.run_id}
+    # the parent spans its seeds
+    seeds = [client.get_run(r.info.run_id) for r in new_seeds]
+    assert new.info.start_time <= min(s.info.start_time for s in seeds)
+    assert new.info.end_time >= max(s.info.end_time for s in seeds)
+    print(f"killed, then a new configuration: {time.monotonic() - started:.0f}s; parent "
+          f"{new.info.run_name} lasted {(new.info.end_time - new.info.start_time) / 1000:.1f}s")
+
+
+# ------------------------------------------------------- 5. a tampered or truncated archive at the remote
+
+def tampered_copy(src: Path, dest: Path) -> str:
+    """``src`` rewritten with the bytes of one image changed (still a zip, same names); returns that image."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout:
+        victim = next(i.filename for i in zin.infolist() if i.filename.endswith(".jpg"))
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == victim:
+                middle = len(data) // 2
+                data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+            zout.writestr(info, data)
+    return victim
+
+
+def test_bad_archive_at_the_remote_leaves_the_prepared_data_and_tracked_files(trained_study: TrainedStudy,
+                                                                              shared_datasets: Path,
+                                                                              tmp_path: Path) -> None:
+    started = time.monotonic()
+    repo = trained_study.copy(tmp_path / "repo")
+    archive = f"{DATASET}.zip"
+    stage = f"prepare@{DATASET}"
+    kept = ("dvc.lock", "params.yaml", f"data/prepared/{DATASET}")
+    before = snapshot(repo.path, *kept)
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    victim = tampered_copy(shared_datasets / archive, remote / archive)
+    repo.dvc("remote", "modify", "--local", "course-data", "url", str(remote))
+    tampered = repo.dvc("repro", "--force", "--single-item", stage, check=False)
+    said = tampered.stdout + tampered.stderr
+    assert tampered.returncode != 0 and "Traceback" not in said, said[-3000:]
+    line = next(line for line in said.splitlines() if line.startswith("error:"))
+    assert victim in line and "tampered image" in line and "manifest expects" in line, line
+    assert "DVC remote 'course-data'" in line and "dvc repro" in line, line  # the fix
+    assert snapshot(repo.path, *kept) == before
+    assert_git_clean(repo)
+
+    (remote / archive).write_bytes((shared_datasets / archive).read_bytes()[: (shared_datasets / archive).stat().st_size // 2])
+    truncated = repo.dvc("repro", "--force", "--single-item", stage, check=False)
+    said = truncated.stdout + truncated.stderr
+    assert truncated.returncode != 0 and "Traceback" not in said, said[-3000:]
+    line = next(line for line in said.splitlines() if line.startswith("error:"))
+    assert str(remote / archive) in line and "damaged or truncated" in line and "DVC remote 'course-data'" in line, line
+    assert snapshot(repo.path, *kept) == before
+    assert_git_clean(repo)
+    assert not list((repo.path / "data" / "prepared").glob(f".{DATASET}.partial-*"))  # nothing half-written left
+
+    repo.dvc("remote", "modify", "--local", "course-data", "url", str(shared_datasets))
+    good = repo.dvc("repro", "--force", "--single-item", stage)
+    assert f"prepared {DATASET}: train 225, test 75 images verified" in good.stdout + good.stderr
+    assert snapshot(repo.path, *kept) == before  # the same images: the same prepared data and lock
+    assert_git_clean(repo)
+    print(f"tampered, truncated, then good remote: {time.monotonic() - started:.0f}s")
+
+
+# ------------------------------------------------------------------ 6. check covers the device
+
+def test_check_fails_for_a_device_this_machine_lacks(trained_study: TrainedStudy, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: `device: cuda` is valid here")
+    raw = yaml.safe_load((trained_study.path / "params.yaml").read_text())
+    raw["train"]["device"] = "cuda"
+    raw["scratch"][ARM]["train"].pop("device", None)  # the shared setting, as a user would change it
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = subprocess.run([str(Path(sys.executable).parent / "vit-repro"), "check", "--params", str(params)],
+                          cwd=trained_study.path, env=trained_study.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""  # nothing claims the study is valid
+    line = error_line(proc.stderr)
+    assert proc.stderr.strip().splitlines() == [line]
+    assert "device 'cuda' requested but CUDA is not available on this machine" in line and "auto or cpu" in line, line
