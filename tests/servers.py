@@ -126,8 +126,9 @@ def stop_mlflow(server: MlflowServer, timeout_s: float = 20.0) -> None:
 
 def kill_mlflow(server: MlflowServer) -> None:
     """SIGKILL the server's whole process group at once, as a crash or an OOM kill would: no clean shutdown."""
-    _signal_group(server.proc.pid, signal.SIGKILL)
-    server.proc.wait(timeout=30)
+    _signal_group(server.proc.pid, signal.SIGKILL)  # also ends a stopped (SIGSTOP) server
+    if server.proc.poll() is None:
+        server.proc.wait(timeout=30)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -1,4 +1,4 @@
-"""Tests of ``vit-repro bench`` (src/vit_repro/bench.py) on tiny models: the numbers it reports are consistent with
+"""Tests of ``vit-repro bench`` (src/vit_repro/bench/) on tiny models: the numbers it reports are consistent with
 each other and with the FLOP counts, targets are judged from a targets file, results are written as JSON and
 Markdown, and bad input is one clear line. Nothing here trains a real study run."""
 

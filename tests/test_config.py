@@ -6,58 +6,15 @@ repository's params.yaml.
 
 from __future__ import annotations
 
-import copy
-import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from vit_repro import paper
-from vit_repro.config import ConfigError, load_params, load_recipe, resolve_arm, resolve_run, resolve_study
+from vit_repro.config import ConfigError, load_params, load_recipe, resolve_run, resolve_study
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def deep_update(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_update(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def write_params(path: Path, updates: dict[str, Any] | None = None) -> Path:
-    """The repo's params.yaml, deep-updated with ``updates``, written to ``path`` (a file or a folder)."""
-    data = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), updates or {})
-    path = Path(path)
-    if path.is_dir():
-        path = path / "params.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """Environment for a `vit-repro` subprocess: no inherited store or repo root, this Python's scripts first."""
-    env = dict(os.environ)
-    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "VIT_REPRO_DEVICE"):
-        env.pop(key, None)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["OMP_NUM_THREADS"] = "1"  # the CPU is shared: one thread per process avoids contention
-    env.update(extra)
-    return env
-
-
-def vit_repro() -> str:
-    exe = shutil.which("vit-repro", path=cli_env()["PATH"])
-    assert exe, "the vit-repro console script is not installed"
-    return exe
+from helpers import cli_env, vit_repro_exe, write_params
 
 
 # ----------------------------------------------------------------------------- what the repo ships
@@ -205,7 +162,7 @@ def test_recipe_file_must_be_a_mapping(tmp_path):
 
 def test_cli_check_rejects_bad_params_in_one_line(tmp_path, repo_root):
     bad = write_params(tmp_path, {"train": {"lrr": 0.01}})
-    proc = subprocess.run([vit_repro(), "check", "--params", str(bad), "--experiments", str(repo_root / "experiments")],
+    proc = subprocess.run([vit_repro_exe(), "check", "--params", str(bad), "--experiments", str(repo_root / "experiments")],
                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"error: invalid settings in {bad}") and "train.lrr: unknown key" in proc.stderr
@@ -218,7 +175,7 @@ def test_cli_train_rejects_a_bad_recipe_anywhere_in_the_study_before_training(tm
     project.mkdir()
     shutil.copytree(repo_root / "experiments", project / "experiments")
     bad = write_params(project / "params.yaml", {"scratch": {"resnet": {"recipes": {"225": ["papr"]}}}})
-    proc = subprocess.run([vit_repro(), "train", "--arm", "head", "--params", str(bad)],
+    proc = subprocess.run([vit_repro_exe(), "train", "--arm", "head", "--params", str(bad)],
                           cwd=project, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: unknown recipe 'papr'") and "Traceback" not in proc.stderr

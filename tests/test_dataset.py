@@ -306,10 +306,10 @@ def test_bad_manifests(ten_zip: Path, previous: Snapshot, repo_root: Path, tmp_p
 
 
 def test_read_summary_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"summary\.json: not found; run `dvc repro prepare`"):
+    with pytest.raises(DataError, match=r"summary\.json: missing; run `dvc repro prepare`"):
         ds.read_summary(tmp_path)
     (tmp_path / "summary.json").write_text("{")
-    with pytest.raises(DataError, match=r"summary\.json: not valid JSON"):
+    with pytest.raises(DataError, match=r"summary\.json: unreadable \(JSONDecodeError: .*\); run `dvc repro prepare`"):
         ds.read_summary(tmp_path)
     (tmp_path / "summary.json").write_text('{"dataset": "x"}')
     with pytest.raises(DataError, match=r"missing keys \['classes', 'counts', 'digest', 'images'\]"):
@@ -402,6 +402,8 @@ def test_download_once_and_a_bad_download_is_fetched_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, served, requests = http_remote
+    for proxy in ("http_proxy", "HTTP_PROXY"):  # the server is local: never through a proxy
+        monkeypatch.delenv(proxy, raising=False)
     (served / "data").mkdir()
     archive = DATASETS[TEN].archive
     steak = first_image(TEN, "train/steak/")

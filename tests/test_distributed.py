@@ -1,66 +1,46 @@
 """Several processes and gradient accumulation train as one process with the same global batch, within 1e-5.
 
-A tiny scratch ViT (Ti/16 at 32 px, no dropout) on the real prepared dataset. The multi-process run is
-a real ``torchrun`` (``python -m torch.distributed.run``, gloo on the CPU) of the ``vit-repro`` CLI,
-logging to a real SQLite MLflow store in a temporary folder.
+A tiny scratch ViT (Ti/16 at 32 px, no dropout) on 65 real images (2 x 32 + 1: the last step holds one
+image, so one process's share of it is empty). The multi-process run is a real ``torchrun``
+(``python -m torch.distributed.run``, gloo on the CPU) of ``fit`` and ``evaluate``.
 """
 
 from __future__ import annotations
 
-import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from test_config import cli_env, write_params
-from vit_repro import distributed, train
-from vit_repro.config import ConfigError, TrainConfig, load_params, resolve_run
-from vit_repro.data import ImageTransform, load_split
-from vit_repro.model import VisionTransformer, parse_model_name
+from helpers import write_params
+from vit_repro import distributed
+from vit_repro.config import ConfigError, TrainConfig, load_params
+from vit_repro.images import ImageTransform, load_images
+from vit_repro.models import build_model
+from vit_repro.runner import Paths, run_arm, schedule_for
+from vit_repro.schedule import Schedule
+from vit_repro.splits import Subset
+from vit_repro.train import History, evaluate, fit
 
 TOL = 1e-5
+CPU = torch.device("cpu")
+SMALL = ImageTransform(resize=(32, 32))
+# the paper's recipe (warmup, cosine decay, clipping, coupled weight decay) at a small rate: Adam moves weights
+# whose gradient is ~0 by up to lr per step on rounding noise alone
+RECIPE = dict(epochs=2, lr=1e-4, weight_decay=0.1, warmup=True, decay="cosine", clip_grad_norm=1.0, device="cpu",
+              drop_last=False)
 
 
-def read_csv(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="") as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
-def assert_rows_close(a: list[dict[str, float]], b: list[dict[str, float]], skip: tuple[str, ...] = ()) -> None:
-    assert len(a) == len(b) and [list(r) for r in a] == [list(r) for r in b]
-    for ra, rb in zip(a, b):
-        for key in ra:
-            if key not in skip:
-                assert ra[key] == pytest.approx(rb[key], abs=TOL, rel=TOL), (key, ra, rb)
-
-
-def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], dim: int = 192) -> None:
-    """Every weight within TOL, except the attention key bias, which is only checked loosely.
-
-    The key bias adds the same number to every attention logit of a query, so softmax ignores it and its
-    exact gradient is 0: what it gets is rounding noise, which Adam scales up to steps of about lr. It does
-    not change any output. (Measured at lr 1e-3: key bias up to 4e-4 apart, every other weight within 1e-6.)
-    """
-    assert actual.keys() == expected.keys()
-    for key, value in expected.items():
-        other = actual[key]
-        if key.endswith("attn.qkv.bias"):  # [query | key | value] biases
-            torch.testing.assert_close(other[dim : 2 * dim], value[dim : 2 * dim], atol=1e-3, rtol=0, msg=key)
-            other, value = torch.cat([other[:dim], other[2 * dim :]]), torch.cat([value[:dim], value[2 * dim :]])
-        torch.testing.assert_close(other, value, atol=TOL, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
-
-
-def logged_weights(store: str, run_id: str) -> dict[str, torch.Tensor]:
-    import mlflow
-    from safetensors.torch import load_file
-
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights/model.safetensors", tracking_uri=store)
-    return load_file(path)
+def schedule(cfg: TrainConfig, images: int) -> Schedule:
+    """The schedule a run of ``cfg`` gets (the runner's mapping from settings to steps)."""
+    return schedule_for(SimpleNamespace(train=cfg), images)
 
 
 @pytest.fixture
@@ -72,108 +52,138 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-PARAMS = {
-    "study": {"name": "cpu-small", "seeds": [0], "recipes": ["paper"]},
-    "scratch": {"image_size": 32, "dropout": 0.0},  # dropout draws differ per process: none here
-    # a small rate: Adam moves weights whose gradient is ~0 by up to lr per step on rounding noise alone
-    "train": {"epochs": 2, "lr": 1e-4, "device": "cpu", "weights_for_seeds": [0]},
-}
+@pytest.fixture(scope="module")
+def data(splits, prepared_root: Path, tmp_path_factory):
+    """65 training images of all three classes and 20 test images, at 32 px."""
+    cache = tmp_path_factory.mktemp("images-cache")
+    train = load_images(Subset("65", splits.subset("225").images[::3][:65]), prepared_root, SMALL, cache)
+    test = load_images(Subset("20", splits.test.images[::10][:20]), prepared_root, SMALL, cache)
+    assert set(train.labels.tolist()) == {0, 1, 2}
+    return (train.pixels, train.labels), (test.pixels, test.labels)
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, repo_root, prepared_dir, monkeypatch, one_thread):
-    """1 process, batch 32 vs torchrun, 2 processes x 8 images x 2 accumulated micro-batches: the same 32 per step."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.chdir(tmp_path)  # the checkpoint folder is under the repository root: here
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    experiments = str(repo_root / "experiments")
-
-    one = write_params(tmp_path / "one.yaml", PARAMS)  # in this process, with one thread as each torchrun process
-    cfg = resolve_run(load_params(one), "scratch", "paper", 0, experiments)
-    train.run(cfg, prepared_dir, tmp_path / "one", cache_dir=tmp_path / "cache", progress=False)
-
-    two = write_params(tmp_path / "two.yaml", PARAMS | {"train": PARAMS["train"] | {"batch_size": 16, "grad_accum_steps": 2}})
-    args = ["train", "--params", two, "--experiments", experiments, "--backbone", "scratch", "--recipe", "paper",
-            "--seed", "0", "--prepared", prepared_dir, "--cache", tmp_path / "cache", "--out", tmp_path / "two", "--no-progress"]
-    # VIT_REPRO_NPROC=2 makes `vit-repro train` (a DVC stage's command) relaunch itself under torchrun
-    proc = subprocess.run([sys.executable, "-m", "vit_repro.cli", *map(str, args)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600,
-                          env=cli_env(MLFLOW_TRACKING_URI=store, OMP_NUM_THREADS="1", VIT_REPRO_NPROC="2"))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("test accuracy") == 1, proc.stdout  # only rank 0 prints the result
-
-    record = {n: json.loads((tmp_path / n / "run.json").read_text()) for n in ("one", "two")}
-    assert record["one"]["schedule"]["world_size"] == 1 and record["two"]["schedule"]["world_size"] == 2
-    for key in ("effective_batch_size", "steps_per_epoch", "total_steps", "warmup_steps"):
-        assert record["one"]["schedule"][key] == record["two"]["schedule"][key], key
-    assert record["two"]["schedule"]["grad_accum_steps"] == 2
-    assert record["two"]["schedule"]["steps_per_epoch"] == 8  # 225 = 7 x 32 + 1: the last step has 1 image
-
-    assert_same_weights(logged_weights(store, record["two"]["mlflow"]["run_id"]),
-                        logged_weights(store, record["one"]["mlflow"]["run_id"]))
-    metrics = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two")}
-    for key in ("test_correct", "test_images", "predicted_classes", "collapsed"):
-        assert metrics["two"][key] == metrics["one"][key], key
-    for key in ("test_acc", "test_loss", "train_acc", "train_loss"):
-        assert metrics["two"][key] == pytest.approx(metrics["one"][key], abs=TOL, rel=0), key
-    assert_rows_close(read_csv(tmp_path / "two" / "history.csv"), read_csv(tmp_path / "one" / "history.csv"),
-                      skip=("epoch_time_s",))
-    assert_rows_close(read_csv(tmp_path / "two" / "steps.csv"), read_csv(tmp_path / "one" / "steps.csv"))
-    assert record["two"]["evaluation"]["confusion_matrix"] == record["one"]["evaluation"]["confusion_matrix"]
-
-    # one MLflow run per training: rank 1 never touched MLflow
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(store)
-    exp = client.get_experiment_by_name("vit-repro/cpu-small")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`vit.kind` = 'seed'")
-    assert sorted(r.data.params["schedule.world_size"] for r in runs) == ["1", "2"]
-    assert all(r.info.status == "FINISHED" for r in runs)
-    assert [m.step for m in client.get_metric_history(record["two"]["mlflow"]["run_id"], "loss")] == list(range(16))
-    assert not list((tmp_path / ".cache" / "checkpoints").glob("*.pt")), "a finished run leaves no checkpoint"
-
-
-def _tiny_vit() -> VisionTransformer:
+def tiny_vit() -> nn.Module:
     torch.manual_seed(0)
-    model = VisionTransformer(parse_model_name("Ti/16", image_size=32, num_classes=3, dropout=0.0))
+    model = build_model("vit:Ti/16", 32, 3, dropout=0.0)  # dropout draws differ per process: none here
     with torch.no_grad():  # a non-zero head, so every layer learns from the first step
         nn.init.normal_(model.head.weight, std=0.1)
     return model
 
 
-def test_gradient_accumulation_equals_one_large_batch(prepared_dir, tmp_path, one_thread):
-    split = load_split(prepared_dir, "train", ImageTransform(resize=(32, 32)), tmp_path)
-    pick = torch.arange(0, 225, 3)[:70]  # all three classes; 70 = 2 x 32 + 6: a short last step
-    images, labels = split.images[pick], split.labels[pick]
-    norm = ImageTransform(resize=(32, 32)).normalize
-    cpu = torch.device("cpu")
-    base = dict(epochs=2, lr=1e-3, weight_decay=0.1, warmup=True, decay="cosine", clip_grad_norm=1.0, device="cpu")
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], dim: int = 192) -> None:
+    """Every weight within TOL, except the attention key bias, which is only checked loosely.
+
+    The key bias adds the same number to every attention logit of a query, so softmax ignores it and its
+    exact gradient is 0: what it gets is rounding noise, which Adam scales up to steps of about lr. It does
+    not change any output.
+    """
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        other = actual[key]
+        if key.endswith("attn.qkv.bias"):  # [query | key | value] biases
+            torch.testing.assert_close(other[dim : 2 * dim], value[dim : 2 * dim], atol=1e-3, rtol=0, msg=key)
+            other, value = torch.cat([other[:dim], other[2 * dim :]]), torch.cat([value[:dim], value[2 * dim :]])
+        torch.testing.assert_close(other, value, atol=TOL, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def assert_histories_close(a: History, b: History) -> None:
+    assert len(a.steps) == len(b.steps) and len(a.epochs) == len(b.epochs)
+    for sa, sb in zip(a.steps, b.steps):
+        assert (sa["step"], sa["epoch"], sa["lr"], sa["images"]) == (sb["step"], sb["epoch"], sb["lr"], sb["images"])
+        assert sa["loss"] == pytest.approx(sb["loss"], abs=TOL) and sa["grad_norm"] == pytest.approx(sb["grad_norm"], rel=TOL)
+    for ea, eb in zip(a.epochs, b.epochs):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_balanced_acc"):
+            assert ea[key] == pytest.approx(eb[key], abs=TOL), key
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+from dataclasses import asdict
+import torch
+from safetensors.torch import save_file
+from vit_repro.config import TrainConfig
+from vit_repro.distributed import distributed, rank_and_world
+from vit_repro.images import ImageTransform
+from vit_repro.train import evaluate, fit
+from test_distributed import schedule, tiny_vit
+
+torch.set_num_threads(1)
+folder = sys.argv[1]
+(train, test), recipe = torch.load(f"{folder}/data.pt"), json.loads(sys.argv[2])
+cfg = TrainConfig(**recipe)
+to_input = ImageTransform(resize=(32, 32)).to_input
+with distributed(torch.device("cpu")) as device:
+    rank, world = rank_and_world()
+    model = tiny_vit()
+    history = fit(model, train, test, cfg, schedule(cfg, len(train[1])), 0, to_input, device, 3, progress=False)
+    ev = evaluate(model, test, to_input, device, 3)
+    json.dump({"world": world, "history": asdict(history), "predictions": ev.predictions.tolist(),
+               "losses": ev.losses.tolist()}, open(f"{folder}/rank{rank}.json", "w"))
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{folder}/model.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(data, tmp_path: Path, one_thread) -> None:
+    """1 process, batch 32 vs torchrun, 2 processes x 8 images x 2 accumulated micro-batches: the same 32 per step."""
+    one_cfg = TrainConfig(batch_size=32, **RECIPE)
+    one = tiny_vit()
+    one_history = fit(one, data[0], data[1], one_cfg, schedule(one_cfg, 65), 0, SMALL.to_input, CPU, 3, progress=False)
+    one_eval = evaluate(one, data[1], SMALL.to_input, CPU, 3)
+
+    torch.save(data, tmp_path / "data.pt")
+    (tmp_path / "script.py").write_text(TORCHRUN_SCRIPT)
+    two = {**RECIPE, "batch_size": 16, "grad_accum_steps": 2}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                                                             os.environ.get("PYTHONPATH", "")]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "script.py"), str(tmp_path), json.dumps(two)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    histories = [History(**r["history"]) for r in ranks]
+    assert histories[0].steps == histories[1].steps, "every process logs the same, all-reduced numbers"
+    assert [s["images"] for s in histories[0].steps] == [32, 32, 1] * 2  # the last step: 1 image, on rank 0 alone
+    assert_histories_close(histories[0], one_history)
+    assert_same_weights(load_file(tmp_path / "model.safetensors"), one.state_dict())
+    # evaluation under torchrun: each process takes a shard, the predictions are gathered in order
+    for r in ranks:
+        assert r["predictions"] == one_eval.predictions.tolist()
+        assert r["losses"] == pytest.approx(one_eval.losses.tolist(), abs=TOL)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_gradient_accumulation_equals_one_large_batch(data, drop_last: bool, one_thread) -> None:
+    train, test = data
     models, histories = {}, {}
     for name, batch, accum in (("large", 32, 1), ("accumulated", 8, 4)):
-        cfg = TrainConfig(batch_size=batch, grad_accum_steps=accum, **base)
-        models[name] = _tiny_vit()
-        histories[name] = train.fit(models[name], (images, labels), (images[:16], labels[:16]), cfg, 0, norm, cpu, 3,
-                                    progress=False)
+        cfg = TrainConfig(batch_size=batch, grad_accum_steps=accum, **(RECIPE | {"lr": 1e-3, "drop_last": drop_last}))
+        sched = schedule(cfg, 65)
+        models[name] = tiny_vit()
+        histories[name] = fit(models[name], train, test, cfg, sched, 0, SMALL.to_input, CPU, 3, progress=False)
+        assert len(histories[name].steps) == sched.total_steps  # optimisation steps, not micro-batches
     large, accumulated = histories["large"], histories["accumulated"]
-    assert len(large.steps) == len(accumulated.steps) == 2 * 3  # optimisation steps, not micro-batches
-    assert [s["lr"] for s in large.steps] == [s["lr"] for s in accumulated.steps]
-    for a, b in zip(large.steps, accumulated.steps):
-        assert a["loss"] == pytest.approx(b["loss"], abs=TOL) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=TOL)
+    assert [s["images"] for s in large.steps] == ([32, 32] if drop_last else [32, 32, 1]) * 2
+    assert_histories_close(accumulated, large)
     assert any(s["grad_norm"] > 1.0 for s in large.steps), "the clip never acted"
     assert_same_weights(models["accumulated"].state_dict(), models["large"].state_dict())
-    assert large.epochs[-1]["train_loss"] == pytest.approx(accumulated.epochs[-1]["train_loss"], abs=TOL)
 
 
-def test_global_batch_must_divide_among_processes(tmp_path, repo_root, prepared_dir, monkeypatch):
+def test_global_batch_must_divide_among_processes(tmp_path: Path, repo_root: Path, monkeypatch) -> None:
     assert distributed.per_process_batch(32, 4) == 8
     with pytest.raises(ConfigError, match=r"train.batch_size 33 is the global batch of all 2 processes"):
         distributed.per_process_batch(33, 2)
     # as torchrun's second process would see it: refused before any data is read or process group joined
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(train, "scratch_inputs", lambda *a: pytest.fail("data loaded before the batch was checked"))
-    path = write_params(tmp_path / "params.yaml", {"train": {"batch_size": 33, "device": "cpu"}})
-    cfg = resolve_run(load_params(path), "scratch", "baseline", 0, repo_root / "experiments")
-    with pytest.raises(ConfigError, match="multiple of 2"):
-        train.run(cfg, prepared_dir, tmp_path / "out")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    params = load_params(write_params(tmp_path / "params.yaml", {"train": {"batch_size": 33, "device": "cpu"}}))
+    paths = Paths.default(tmp_path / "empty")  # no splits, images or features: reading any would fail otherwise
+    with pytest.raises(ConfigError, match="use a multiple of 2 or another number of processes"):
+        run_arm(params, "frozen", "head", paths, experiments=repo_root / "experiments", progress=False)
+    assert not (tmp_path / "empty").exists()

@@ -23,8 +23,6 @@ The tracking server killed mid-run is in test_server.py; ``predict`` in test_pre
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import signal
 import subprocess
@@ -38,147 +36,12 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import DvcRepo, TrainedStudy
+from conftest import TrainedStudy
+from helpers import (ARM, DATASET, STAGE, VARIANT, Background, assert_git_clean, checkpoint,
+                     edit_params, error_line, free_port, outputs, parent_runs, results, seed_runs, snapshot,
+                     staging_areas, vit_repro)
 
 pytestmark = pytest.mark.slow
-
-ARM = "vit"
-STAGE = f"train-scratch@{ARM}"
-VARIANT = "vit/225/baseline"
-DATASET = "pizza_steak_sushi"
-EXPERIMENT = "vit-repro/cpu"
-
-
-# ----------------------------------------------------------------------------------------- helpers
-
-def snapshot(root: Path, *paths: str) -> dict[str, str]:
-    """sha256 of every file under ``paths`` (files or folders, relative to ``root``), by relative path."""
-    out = {}
-    for rel in paths:
-        path = root / rel
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        for f in files:
-            out[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
-    return out
-
-
-def outputs(repo: DvcRepo) -> dict[str, str]:
-    """What a failed train stage must leave alone: the committed runs of the arm, dvc.lock, params.yaml."""
-    return snapshot(repo.path, f"runs/{ARM}", "dvc.lock", "params.yaml")
-
-
-def assert_git_clean(repo: DvcRepo, *paths: str) -> None:
-    status = repo.git("status", "--porcelain", "--untracked-files=all", "--", *paths).stdout
-    assert status == "", f"git status of {paths}:\n{status}"
-
-
-def error_line(stderr: str) -> str:
-    """The command's one ``error:`` line; no traceback."""
-    assert "Traceback" not in stderr, stderr[-4000:]
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr[-4000:]
-    return lines[0]
-
-
-def edit_params(repo: DvcRepo, change) -> None:
-    raw = yaml.safe_load((repo.path / "params.yaml").read_text())
-    change(raw)
-    (repo.path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def vit_repro(repo: DvcRepo, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).parent / "vit-repro"
-    return subprocess.run([str(exe), *args], cwd=repo.path, env=env or repo.env, capture_output=True, text=True,
-                          timeout=300)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Background:
-    """``dvc repro`` running in its own process group (as a terminal's foreground job), output to a log file."""
-
-    def __init__(self, repo: DvcRepo, *args: str, log: Path) -> None:
-        self.log = log
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo.path, env=repo.env,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, ready, what: str, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dvc exited {self.proc.returncode} before {what}:\n{self.text()[-4000:]}")
-            if time.monotonic() > deadline:
-                self.signal(signal.SIGKILL)
-                raise AssertionError(f"no {what} after {timeout_s:.0f}s:\n{self.text()[-4000:]}")
-            time.sleep(0.2)
-
-    def signal(self, sig: signal.Signals) -> int:
-        """Send ``sig`` to the whole group (DVC and the stage's command, like Ctrl-C); its exit status."""
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            return self.proc.wait(timeout=120)
-        finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-
-
-def staging_areas(repo: DvcRepo) -> list[Path]:
-    return sorted((repo.path / ".cache" / "stages").glob(f"{ARM}-*"))
-
-
-def checkpoint(repo: DvcRepo, seed: int) -> Path | None:
-    found = [area / VARIANT / f"seed{seed}.checkpoint.pt" for area in staging_areas(repo)]
-    return next((p for p in found if p.is_file()), None)
-
-
-def seed_runs(repo: DvcRepo) -> list:
-    client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`vit.kind` = 'seed'",
-                                                     order_by=["attributes.start_time ASC"])
-
-
-def parent_runs(repo: DvcRepo) -> list:
-    client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`vit.kind` = 'variant'",
-                                                     order_by=["attributes.start_time ASC"])
-
-
-def results(runs: Path) -> dict[str, object]:
-    """What an uninterrupted run and a resumed one must agree on: every run's evaluations, curves and predictions
-    (history.csv without its wall-clock column)."""
-    import csv
-    import json
-
-    out: dict[str, object] = {}
-    for seed_dir in sorted(runs.glob("*/*/seed*")):
-        rel = str(seed_dir.relative_to(runs))
-        record = json.loads((seed_dir / "run.json").read_text())
-        out[f"{rel}:test"] = record["test"]
-        out[f"{rel}:train"] = record["train"]
-        with open(seed_dir / "history.csv") as fh:
-            out[f"{rel}:history"] = [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in csv.DictReader(fh)]
-        out[f"{rel}:steps"] = (seed_dir / "steps.csv").read_text()
-        out[f"{rel}:predictions"] = (seed_dir / "predictions.csv").read_text()
-    return out
-
-
-# ------------------------------------------------------------------------------- 1. fast failures
 
 def _typo(raw: dict) -> None:
     raw["scratch"][ARM]["train"]["lrr"] = 0.01
@@ -351,45 +214,85 @@ def tampered_copy(src: Path, dest: Path) -> str:
     return victim
 
 
-def test_bad_archive_at_the_remote_leaves_the_prepared_data_and_tracked_files(trained_study: TrainedStudy,
+class Remote:
+    """The DVC remote ``course-data`` as a folder, or that folder served over HTTP (``python -m http.server``) as
+    the real remote is: then ``prepare`` downloads into ``.cache/downloads`` and must delete a bad download."""
+
+    def __init__(self, kind: str, folder: Path) -> None:
+        self.kind, self.folder, self.server = kind, folder, None
+        folder.mkdir()
+        self.url = str(folder)
+        if kind == "http":
+            port = free_port()
+            self.server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                            "--directory", str(folder)], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+            self.url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    import urllib.request
+
+                    urllib.request.urlopen(self.url, timeout=5).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and self.server.poll() is None, "http.server did not start"
+                    time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.kill()
+            self.server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["folder", "http"])
+def test_bad_archive_at_the_remote_leaves_the_prepared_data_and_tracked_files(kind: str, trained_study: TrainedStudy,
                                                                               shared_datasets: Path,
                                                                               tmp_path: Path) -> None:
     started = time.monotonic()
     repo = trained_study.copy(tmp_path / "repo")
     archive = f"{DATASET}.zip"
+    good = shared_datasets / archive
     stage = f"prepare@{DATASET}"
     kept = ("dvc.lock", "params.yaml", f"data/prepared/{DATASET}")
     before = snapshot(repo.path, *kept)
+    download = repo.path / ".cache" / "downloads" / archive
 
-    remote = tmp_path / "remote"
-    remote.mkdir()
-    victim = tampered_copy(shared_datasets / archive, remote / archive)
-    repo.dvc("remote", "modify", "--local", "course-data", "url", str(remote))
-    tampered = repo.dvc("repro", "--force", "--single-item", stage, check=False)
-    said = tampered.stdout + tampered.stderr
-    assert tampered.returncode != 0 and "Traceback" not in said, said[-3000:]
-    line = next(line for line in said.splitlines() if line.startswith("error:"))
-    assert victim in line and "tampered image" in line and "manifest expects" in line, line
-    assert "DVC remote 'course-data'" in line and "dvc repro" in line, line  # the fix
-    assert snapshot(repo.path, *kept) == before
-    assert_git_clean(repo)
+    remote = Remote(kind, tmp_path / "remote")
+    try:
+        repo.dvc("remote", "modify", "--local", "course-data", "url", remote.url)
+        victim = tampered_copy(good, remote.folder / archive)
+        tampered = repo.dvc("repro", "--force", "--single-item", stage, check=False)
+        said = tampered.stdout + tampered.stderr
+        assert tampered.returncode != 0 and "Traceback" not in said, said[-3000:]
+        line = next(line for line in said.splitlines() if line.startswith("error:"))
+        assert f"{archive}: {victim} has sha256" in line and "tampered image" in line, line  # the archive, the image
+        assert "DVC remote 'course-data'" in line and "dvc repro" in line, line  # the fix
+        assert snapshot(repo.path, *kept) == before
+        assert_git_clean(repo)
+        assert not download.exists()  # a bad download is never reused
 
-    (remote / archive).write_bytes((shared_datasets / archive).read_bytes()[: (shared_datasets / archive).stat().st_size // 2])
-    truncated = repo.dvc("repro", "--force", "--single-item", stage, check=False)
-    said = truncated.stdout + truncated.stderr
-    assert truncated.returncode != 0 and "Traceback" not in said, said[-3000:]
-    line = next(line for line in said.splitlines() if line.startswith("error:"))
-    assert str(remote / archive) in line and "damaged or truncated" in line and "DVC remote 'course-data'" in line, line
-    assert snapshot(repo.path, *kept) == before
-    assert_git_clean(repo)
-    assert not list((repo.path / "data" / "prepared").glob(f".{DATASET}.partial-*"))  # nothing half-written left
+        (remote.folder / archive).write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        truncated = repo.dvc("repro", "--force", "--single-item", stage, check=False)
+        said = truncated.stdout + truncated.stderr
+        assert truncated.returncode != 0 and "Traceback" not in said, said[-3000:]
+        line = next(line for line in said.splitlines() if line.startswith("error:"))
+        assert f"{archive}: not a readable zip archive" in line and "damaged or truncated" in line, line
+        assert "DVC remote 'course-data'" in line, line
+        assert snapshot(repo.path, *kept) == before
+        assert_git_clean(repo)
+        assert not download.exists()
+        assert not list((repo.path / "data" / "prepared").glob(f".{DATASET}.partial-*"))  # nothing half-written
 
-    repo.dvc("remote", "modify", "--local", "course-data", "url", str(shared_datasets))
-    good = repo.dvc("repro", "--force", "--single-item", stage)
-    assert f"prepared {DATASET}: train 225, test 75 images verified" in good.stdout + good.stderr
-    assert snapshot(repo.path, *kept) == before  # the same images: the same prepared data and lock
-    assert_git_clean(repo)
-    print(f"tampered, truncated, then good remote: {time.monotonic() - started:.0f}s")
+        shutil.copy2(good, remote.folder / archive)  # the remote serves the published archive again
+        fixed = repo.dvc("repro", "--force", "--single-item", stage)
+        assert f"prepared {DATASET}: train 225, test 75 images verified" in fixed.stdout + fixed.stderr
+        assert snapshot(repo.path, *kept) == before  # the same images: the same prepared data and lock
+        assert_git_clean(repo)
+        assert download.is_file() == (kind == "http")
+    finally:
+        remote.close()
+    print(f"{kind} remote: tampered, truncated, then good: {time.monotonic() - started:.0f}s")
 
 
 # ------------------------------------------------------------------ 6. check covers the device

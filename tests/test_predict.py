@@ -115,3 +115,22 @@ def test_run_together_with_weights_exits_2(images: dict[str, Path], tmp_path: Pa
     assert proc.returncode == 2, proc.stderr
     assert "not allowed with argument" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_run_id_with_an_unreachable_tracking_server_fails_at_once(trained_study: TrainedStudy, run_id: str,
+                                                                 images: dict[str, Path], tmp_path: Path) -> None:
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    started = time.monotonic()
+    proc = predict("--run", run_id, str(images["pizza"]), cwd=tmp_path,
+                   env={**outside_env(trained_study), "MLFLOW_TRACKING_URI": uri})
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert uri in line and "unreachable" in line and "MLFLOW_TRACKING_URI" in line, line
+    assert elapsed < 60, f"took {elapsed:.0f}s"  # MLflow's own retries would take minutes
+    assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import PROJECT_FILES, DvcRepo, create_dvc_repo, tiny_study
-from test_config import cli_env
+from helpers import cli_env
 
 pytestmark = pytest.mark.slow
 

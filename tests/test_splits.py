@@ -154,10 +154,10 @@ def test_write_read_round_trip(splits, tmp_path: Path) -> None:
     write_splits(splits, tmp_path / "splits")
     assert read_splits(tmp_path / "splits") == splits
 
-    with pytest.raises(SplitError, match=r"splits\.json: not found; run `dvc repro splits`"):
+    with pytest.raises(SplitError, match=r"splits\.json: missing; run `dvc repro splits`"):
         read_splits(tmp_path / "nowhere")
     path.write_text("{")
-    with pytest.raises(SplitError, match=r"not valid JSON .*run `dvc repro splits`"):
+    with pytest.raises(SplitError, match=r"splits\.json: unreadable \(JSONDecodeError: .*\); run `dvc repro splits`"):
         read_splits(tmp_path / "splits")
     path.write_text(json.dumps(doc | {"format": "vit-repro-splits/0"}))
     with pytest.raises(SplitError, match=r"format 'vit-repro-splits/0', expected 'vit-repro-splits/1'"):

@@ -1,195 +1,265 @@
-"""Training: reproducible runs, per-image accuracy, the frozen shortcut's equivalence, gradient clipping.
+"""Training and evaluation (src/vit_repro/train.py) on the real prepared images and real features.
 
-Everything runs on the real prepared dataset with real models (a Ti/16 at 32 px, or the shared
-ViT-S/14 DINOv2 backbone) and a real SQLite MLflow store in a temporary folder.
+The renovation's behaviour-unchanged check: ``tests/data/pre_renovation_run.json`` holds the numbers the
+code before the renovation (commit 9b0cf7a) gave for a tiny scratch run (Ti/16 at 32 px, recipe paper, 2
+epochs) and a tiny frozen run (a zero head on ViT-S/14 DINOv2 features, clip, 3 epochs), both on
+pizza_steak_sushi's 225 training images, tested on its 75 test images, fed in the old loader's order
+(files sorted by path). The new ``fit``/``evaluate`` must give the same steps exactly and the same epochs
+to 1e-6. Then: seeds, per-image metrics, the frozen shortcut's equivalence, clipping, drop_last, and the
+logistic regression's choice of C.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_config import write_params
-from vit_repro import backbone, train
-from vit_repro.config import TrainConfig, load_params, resolve_run
-from vit_repro.data import ImageTransform, load_split
-from vit_repro.model import VisionTransformer, parse_model_name
+from vit_repro import backbone
+from vit_repro.backbone import Features
+from vit_repro.config import BackboneSpec, TrainConfig
+from vit_repro.images import ImageTransform, load_images, pretrained_transform
+from vit_repro.models import build_model, linear_head
+from vit_repro.runner import schedule_for
+from vit_repro.schedule import Schedule
+from vit_repro.splits import Subset
+from vit_repro.train import Evaluation, History, evaluate, fit, fit_logistic
 
 CPU = torch.device("cpu")
-TIMING_KEYS = {"wall_time_s", "train_images_per_s"}
+TEN = "pizza_steak_sushi"
+PRE_RENOVATION = json.loads((Path(__file__).parent / "data" / "pre_renovation_run.json").read_text())
+SMALL = ImageTransform(resize=(32, 32))
+S14_FILE = Path("pretrained") / "vit_s14_dinov2_p14_224.safetensors"  # in ../shared
+# the recipes of the recorded runs (record.py at 9b0cf7a): scratch = paper (warmup, cosine, clip 1, coupled wd 0.1),
+# frozen = clip; the old loader kept an epoch's last, short batch
+SCRATCH_CFG = TrainConfig(epochs=2, lr=1e-3, weight_decay=0.1, warmup=True, decay="cosine", clip_grad_norm=1.0,
+                          device="cpu", drop_last=False)
+FROZEN_CFG = TrainConfig(epochs=3, lr=1e-3, weight_decay=0.0, clip_grad_norm=1.0, device="cpu", drop_last=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the CPU is shared with other jobs, and two contending threads run ~5x slower."""
-    before = torch.get_num_threads()
+def one_thread_deterministic():
+    """As the recording ran: one intra-op thread (also kinder to the shared CPU) and deterministic algorithms."""
+    threads = torch.get_num_threads()
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tensor-cache")
+    return tmp_path_factory.mktemp("images-cache")
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # the project root: checkpoints go to tmp_path/.cache
-    monkeypatch.delenv("VIT_REPRO_DEVICE", raising=False)
-    return uri
+def schedule(cfg: TrainConfig, images: int) -> Schedule:
+    """The schedule a run of ``cfg`` gets (the runner's mapping from settings to steps)."""
+    return schedule_for(SimpleNamespace(train=cfg), images)
 
 
-def tiny_cfg(tmp_path: Path, repo_root: Path, seed: int, recipe: str = "paper", **train_updates):
-    """A scratch Ti/16 at 32 px (4 patches), 2 epochs on all 225 training images, on the CPU."""
-    path = write_params(
-        tmp_path / "params.yaml",
-        {"study": {"name": "cpu-small", "seeds": [0, 1], "recipes": [recipe]}, "scratch": {"image_size": 32},
-         "train": {"epochs": 2, "device": "cpu", **train_updates}},
-    )
-    return resolve_run(load_params(path), "scratch", recipe, seed, repo_root / "experiments")
+def by_file(name: str, images) -> Subset:
+    return Subset(name, tuple(sorted(images, key=lambda i: i.file)))
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+@pytest.fixture(scope="module")
+def old_order(splits) -> tuple[Subset, Subset]:
+    """The recorded runs' images in the old loader's order: pizza_steak_sushi's train (225) and test (75) by path."""
+    train = by_file("225 by path", splits.subset("225").images)
+    test = by_file("75 by path", [i for i in splits.test.images if i.dataset == TEN])
+    assert len(train) == 225 and len(test) == 75
+    return train, test
 
 
-def without(rows: list[dict[str, str]], *keys: str) -> list[dict[str, str]]:
-    return [{k: v for k, v in row.items() if k not in keys} for row in rows]
+@pytest.fixture(scope="module")
+def scratch_data(old_order, prepared_root: Path, cache_dir: Path):
+    train, test = (load_images(s, prepared_root, SMALL, cache_dir) for s in old_order)
+    return (train.pixels, train.labels), (test.pixels, test.labels)
+
+
+def scratch_run(data, seed: int, cfg: TrainConfig = SCRATCH_CFG) -> tuple[nn.Module, History]:
+    """What a scratch run of arm vit does: seed, build Ti/16 (dropout 0.1), fit."""
+    train, test = data
+    torch.manual_seed(seed)
+    model = build_model("vit:Ti/16", 32, 3, dropout=0.1)
+    history = fit(model, train, test, cfg, schedule(cfg, len(train[1])), seed, SMALL.to_input, CPU, 3, progress=False)
+    return model, history
+
+
+@pytest.fixture(scope="module")
+def seed0(scratch_data) -> tuple[nn.Module, History]:
+    return scratch_run(scratch_data, 0)
+
+
+def assert_matches_recording(history: History, final: Evaluation, expected: dict) -> None:
+    steps = [{k: s[k] for k in ("step", "lr", "loss", "grad_norm")} for s in history.steps]
+    assert steps == expected["steps"]  # exactly: same batches, same arithmetic
+    assert len(history.epochs) == len(expected["epochs"])
+    for got, want in zip(history.epochs, expected["epochs"]):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, abs=1e-6, rel=0), (got["epoch"], key)
+    assert final.loss == pytest.approx(expected["test_loss"], abs=1e-6, rel=0)
+    assert final.correct == expected["test_correct"]
+    assert final.confusion.tolist() == expected["confusion"]
+
+
+# ----------------------------------------------------------------------------- the renovation changed nothing
+
+def test_pre_renovation_scratch_run_is_reproduced(seed0, scratch_data) -> None:
+    model, history = seed0
+    assert schedule(SCRATCH_CFG, 225).total_steps == len(PRE_RENOVATION["scratch"]["steps"]) == 16
+    final = evaluate(model, scratch_data[1], SMALL.to_input, CPU, 3)
+    assert_matches_recording(history, final, PRE_RENOVATION["scratch"])
+    # what the new history adds is consistent with it
+    assert sum(s["images"] for s in history.steps) == 2 * 225 and history.steps[7]["images"] == 225 - 7 * 32
+    assert history.epochs[-1]["test_acc"] == final.accuracy
+    assert history.epochs[-1]["test_balanced_acc"] == pytest.approx(final.balanced_accuracy, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def s14(shared_dir: Path, tmp_path_factory) -> Path:
+    """The shared ViT-S/14 DINOv2 checkpoint, fetched as a ``file`` backbone (verified, converted, written)."""
+    spec = BackboneSpec(label="ViT-S/14 DINOv2", model="S/14", source="file", path=str(shared_dir / S14_FILE),
+                        pretraining="LVD-142M, self-supervised", resize=256, crop=224, interpolation="bicubic")
+    out = tmp_path_factory.mktemp("pretrained") / "vit_s14"
+    info = backbone.fetch(spec, "vit_s14_dinov2", out)
+    assert info["model"] == "S/14" and (out / backbone.WEIGHTS_FILE).is_file()
+    assert backbone.sha256_file(out / backbone.WEIGHTS_FILE) == info["sha256"]
+    return out
+
+
+@pytest.mark.slow
+def test_pre_renovation_frozen_run_is_reproduced(s14: Path, old_order, prepared_root: Path, cache_dir: Path) -> None:
+    """Features of all 300 images through the frozen S/14 (several minutes on a busy 2-core CPU), then the head."""
+    model, info = backbone.load_backbone(s14, 3)
+    transform = pretrained_transform(**info["transform"])
+    (train, test) = (load_images(s, prepared_root, transform, cache_dir) for s in old_order)
+    features = backbone.extract_features(model, train.pixels, transform, CPU)
+    test_features = backbone.extract_features(model, test.pixels, transform, CPU)
+    expected = PRE_RENOVATION["frozen"]
+    assert float(features.double().sum()) == pytest.approx(expected["features_sum"], rel=1e-9)
+
+    torch.manual_seed(1)
+    head = linear_head(features.shape[1], 3)
+    history = fit(head, (features, train.labels), (test_features, test.labels), FROZEN_CFG,
+                  schedule(FROZEN_CFG, 225), 1, lambda x: x, CPU, 3, progress=False)
+    final = evaluate(head, (test_features, test.labels), lambda x: x, CPU, 3)
+    assert_matches_recording(history, final, expected)
 
 
 # ----------------------------------------------------------------------------- reproducibility
 
-@pytest.mark.slow
-def test_same_seed_same_run_other_seed_other_run(tmp_path, repo_root, prepared_dir, cache_dir, store):
-    outs = {}
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        cfg = tiny_cfg(tmp_path, repo_root, seed)
-        outs[name] = tmp_path / "runs" / name
-        train.run(cfg, prepared_dir, outs[name], cache_dir=cache_dir, progress=False)
+def test_same_seed_same_run_other_seed_other_run(seed0, scratch_data) -> None:
+    model_a, a = seed0
+    model_b, b = scratch_run(scratch_data, 0)
+    _, c = scratch_run(scratch_data, 1)
 
-    def metrics(name: str) -> dict:
-        return json.loads((outs[name] / "metrics.json").read_text())
+    def without_time(rows):
+        return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in rows]
 
-    a, b, c = metrics("a"), metrics("b"), metrics("c")
-    assert set(a) == {"test_acc", "test_loss", "test_correct", "test_images", "train_acc", "train_loss",
-                      "wall_time_s", "train_images_per_s", "collapsed", "predicted_classes"}
-    same = {k: v for k, v in a.items() if k not in TIMING_KEYS}
-    assert same == {k: v for k, v in b.items() if k not in TIMING_KEYS}
-
-    hist_a, hist_b, hist_c = (read_csv(outs[n] / "history.csv") for n in "abc")
-    assert list(hist_a[0]) == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s"]
-    assert len(hist_a) == 2
-    assert without(hist_a, "epoch_time_s") == without(hist_b, "epoch_time_s")
-
-    steps_a, steps_b, steps_c = (read_csv(outs[n] / "steps.csv") for n in "abc")
-    assert list(steps_a[0]) == ["step", "epoch", "lr", "loss", "grad_norm"]
-    assert [int(r["step"]) for r in steps_a] == list(range(16))  # ceil(225 / 32) = 8 steps x 2 epochs
-    assert steps_a == steps_b
-
-    # another seed: another initialisation and another batch order, so other numbers
-    assert [r["loss"] for r in steps_c] != [r["loss"] for r in steps_a]
-    assert (c["test_loss"], c["train_loss"]) != (a["test_loss"], a["train_loss"])
-    # ... but the same schedule: the learning rate depends on the step alone
-    assert [r["lr"] for r in steps_c] == [r["lr"] for r in steps_a]
-
-    run_a, run_b = (json.loads((outs[n] / "run.json").read_text()) for n in "ab")
-    assert run_a["evaluation"] == run_b["evaluation"]
-    assert run_a["mlflow"]["run_id"] != run_b["mlflow"]["run_id"]
-    assert run_a["mlflow"]["parent_run_id"] == run_b["mlflow"]["parent_run_id"]  # same variant and config
+    assert b.steps == a.steps
+    assert without_time(b.epochs) == without_time(a.epochs)
+    assert all(torch.equal(x, y) for x, y in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+    # another seed: another initialisation, batch order and dropout, so other numbers ...
+    assert [s["loss"] for s in c.steps] != [s["loss"] for s in a.steps]
+    assert c.epochs[-1]["test_loss"] != a.epochs[-1]["test_loss"]
+    # ... on the same schedule: the learning rate depends on the step alone
+    assert [s["lr"] for s in c.steps] == [s["lr"] for s in a.steps]
+    assert [s["images"] for s in c.steps] == [s["images"] for s in a.steps]
 
 
-@pytest.mark.slow
-def test_metrics_are_per_image_and_agree_with_run_json(tmp_path, repo_root, prepared_dir, cache_dir, store):
-    cfg = tiny_cfg(tmp_path, repo_root, 0, recipe="baseline", epochs=1)
-    out = tmp_path / "runs" / "scratch" / "baseline" / "seed0"
-    returned = train.run(cfg, prepared_dir, out, cache_dir=cache_dir, progress=False)
-    metrics = json.loads((out / "metrics.json").read_text())
-    record = json.loads((out / "run.json").read_text())
-    assert returned == metrics
-    assert metrics["test_images"] == 75
-    assert metrics["test_acc"] == metrics["test_correct"] / 75  # per image, not per batch
-    confusion = record["evaluation"]["confusion_matrix"]
-    assert [sum(row) for row in confusion] == [25, 19, 31]  # rows: true class pizza, steak, sushi
-    assert sum(map(sum, confusion)) == 75
-    assert sum(confusion[i][i] for i in range(3)) == metrics["test_correct"]
-    predicted = sum(1 for j in range(3) if any(confusion[i][j] for i in range(3)))
-    assert metrics["predicted_classes"] == predicted
-    assert metrics["collapsed"] == (predicted == 1)
-    per_class = record["evaluation"]["per_class_accuracy"]
-    assert per_class == pytest.approx({c: confusion[i][i] / n for i, (c, n) in enumerate(zip(("pizza", "steak", "sushi"), (25, 19, 31)))})
-    # the last epoch's test accuracy in history.csv is the same evaluation of the same weights
-    assert float(read_csv(out / "history.csv")[-1]["test_acc"]) == pytest.approx(metrics["test_acc"])
-    assert 0 <= metrics["train_acc"] <= 1 and metrics["train_acc"] * 225 == pytest.approx(round(metrics["train_acc"] * 225))
-    expected_schedule = {"steps_per_epoch": 8, "total_steps": 8, "warmup_steps": 0, "warmup_fraction": 0.0,
-                         "paper_warmup_steps": 10_000, "paper_total_steps": 93_835}
-    assert {k: record["schedule"][k] for k in expected_schedule} == expected_schedule
-    assert record["status"] == "FINISHED" and record["variant"] == "scratch-baseline"
-    assert not list(out.parent.glob(".seed0.tmp-*")), "the staging folder was left behind"
+# ----------------------------------------------------------------------------- per-image evaluation
+
+@pytest.fixture(scope="module")
+def test_pixels(splits, prepared_root: Path, cache_dir: Path):
+    """The study's test set (211 images) at 32 px."""
+    loaded = load_images(splits.test, prepared_root, SMALL, cache_dir)
+    return loaded.pixels, loaded.labels
+
+
+def test_evaluation_is_per_image(seed0, test_pixels, splits) -> None:
+    model, _ = seed0
+    model.train()
+    ev = evaluate(model, test_pixels, SMALL.to_input, CPU, 3)
+    assert model.training, "evaluate puts the model back in the mode it found it in"
+    pixels, labels = test_pixels
+    with torch.no_grad():
+        logits = model.eval()(SMALL.to_input(pixels))
+    assert ev.total == 211 and torch.equal(ev.labels, labels)
+    assert torch.equal(ev.predictions, logits.argmax(1))
+    torch.testing.assert_close(ev.losses, F.cross_entropy(logits, labels, reduction="none").double(), atol=1e-6, rtol=0)
+    assert ev.loss == pytest.approx(float(ev.losses.mean()))
+    assert ev.correct == int((ev.predictions == labels).sum()) and ev.accuracy == ev.correct / 211
+    confusion = ev.confusion
+    assert confusion.sum(1).tolist() == list(splits.test.counts().values())  # rows: the true class
+    assert confusion.sum(0).tolist() == ev.predictions.bincount(minlength=3).tolist()
+    recall = [float(((ev.predictions == k) & (labels == k)).sum() / (labels == k).sum()) for k in range(3)]
+    assert ev.recall == pytest.approx(recall)
+    assert ev.balanced_accuracy == pytest.approx(sum(recall) / 3)
+    assert ev.predicted_classes == len(ev.predictions.unique())
+    # the batch size of evaluation changes nothing
+    other = evaluate(model, test_pixels, SMALL.to_input, CPU, 3, batch_size=7)
+    assert torch.equal(other.predictions, ev.predictions)
+    torch.testing.assert_close(other.losses, ev.losses, atol=1e-6, rtol=0)
+
+
+def test_balanced_accuracy_of_degenerate_predictions() -> None:
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2])
+    one_class = Evaluation(labels, torch.zeros(10, dtype=torch.long), torch.zeros(10, dtype=torch.float64), 3)
+    assert one_class.accuracy == 0.6 and one_class.balanced_accuracy == pytest.approx(1 / 3)
+    assert one_class.predicted_classes == 1 and one_class.recall == [1.0, 0.0, 0.0]
+    absent = Evaluation(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]), torch.zeros(3, dtype=torch.float64), 3)
+    assert math.isnan(absent.recall[2]) and absent.balanced_accuracy == pytest.approx((0.5 + 1.0) / 2)
 
 
 # ----------------------------------------------------------------------------- frozen features == full model
 
 @pytest.mark.slow
-def test_head_on_cached_features_equals_head_through_full_model(tmp_path, shared_dir, prepared_dir, cache_dir):
-    params = load_params(write_params(tmp_path / "params.yaml", shared=shared_dir))
-    spec = params.backbones["vit_s14_dinov2"]
-    pretrained = tmp_path / "pretrained"
-    info = backbone.fetch(spec, "vit_s14_dinov2", pretrained)
-    assert info["model"] == "S/14" and (pretrained / backbone.WEIGHTS_FILE).is_file()
-
-    transform = backbone.transform_for(spec)
-    train_split = load_split(prepared_dir, "train", transform, cache_dir)
-    test_split = load_split(prepared_dir, "test", transform, cache_dir)
-    pick_train = torch.arange(0, 225, 14)[:16]  # 16 images from all three classes
-    pick_test = torch.arange(0, 75, 10)[:8]
-    images, labels = train_split.images[pick_train], train_split.labels[pick_train]
-    test_images, test_labels = test_split.images[pick_test], test_split.labels[pick_test]
-    assert set(labels.tolist()) == {0, 1, 2}
-
-    # the paper's recipe on the frozen head: 4 steps per epoch, 2 epochs, warmup ceil(0.107 * 8) = 1 step,
-    # cosine decay, and a clip small enough to act on some steps
-    cfg = params.train.model_copy(update={"epochs": 2, "batch_size": 4, "warmup": True, "decay": "cosine",
-                                          "clip_grad_norm": 0.5, "device": "cpu"})
-    seed = 3
+def test_head_on_cached_features_equals_head_through_full_model(s14: Path, old_order, prepared_root: Path,
+                                                                 cache_dir: Path) -> None:
+    train_subset, test_subset = old_order
+    picked = Subset("8 train", train_subset.images[::28][:8])  # all three classes
+    watched = Subset("4 test", test_subset.images[::19][:4])
+    transform = pretrained_transform(256, 224, "bicubic")
+    train, test = (load_images(s, prepared_root, transform, cache_dir) for s in (picked, watched))
+    assert set(train.labels.tolist()) == {0, 1, 2}
+    # the paper's recipe on the frozen head: 2 steps per epoch, 2 epochs, warmup ceil(0.107 x 4) = 1 step, cosine
+    # decay, and a clip small enough to act
+    cfg = TrainConfig(epochs=2, batch_size=4, warmup=True, decay="cosine", clip_grad_norm=0.5, device="cpu")
+    sched, seed = schedule(cfg, 8), 3
+    assert (sched.total_steps, sched.warmup_steps) == (4, 1)
 
     # A: through the whole model; only the head requires grad
-    model, loaded = backbone.load_backbone(pretrained, 3)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == ["heads.head.weight", "heads.head.bias"]
+    model, _ = backbone.load_backbone(s14, 3)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["heads.head.weight", "heads.head.bias"]
     body_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("heads.")}
-    hist_a = train.fit(model, (images, labels), (test_images, test_labels), cfg, seed,
-                       prepare=transform.normalize, device=CPU, num_classes=3, progress=False)
+    hist_a = fit(model, (train.pixels, train.labels), (test.pixels, test.labels), cfg, sched, seed,
+                 transform.to_input, CPU, 3, progress=False)
 
     # B: a zero-initialised linear layer on features computed once
-    fresh, _ = backbone.load_backbone(pretrained, 3)
-    feats = backbone.extract_features(fresh, images, transform, CPU)
-    test_feats = backbone.extract_features(fresh, test_images, transform, CPU)
-    assert feats.shape == (16, 384)
-    linear = nn.Linear(384, 3)
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    hist_b = train.fit(linear, (feats, labels), (test_feats, test_labels), cfg, seed,
-                       prepare=lambda x: x, device=CPU, num_classes=3, progress=False)
+    fresh, _ = backbone.load_backbone(s14, 3)
+    feats = backbone.extract_features(fresh, train.pixels, transform, CPU)
+    test_feats = backbone.extract_features(fresh, test.pixels, transform, CPU)
+    assert feats.shape == (8, 384)
+    head = linear_head(384, 3)
+    hist_b = fit(head, (feats, train.labels), (test_feats, test.labels), cfg, sched, seed, lambda x: x, CPU, 3,
+                 progress=False)
 
-    # the backbone did not move, and the head learned something
+    # the backbone did not move, and the head learned the same thing
     assert all(torch.equal(v, body_before[k]) for k, v in model.state_dict().items() if k in body_before)
     assert model.head.weight.abs().max() > 1e-4
-    torch.testing.assert_close(model.head.weight.detach(), linear.weight.detach(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(model.head.bias.detach(), linear.bias.detach(), atol=1e-6, rtol=0)
-
-    assert len(hist_a.steps) == len(hist_b.steps) == 8
-    assert [s["lr"] for s in hist_a.steps] == [s["lr"] for s in hist_b.steps]
-    assert hist_a.steps[0]["lr"] == 0.0  # warmup starts at 0
+    torch.testing.assert_close(model.head.weight.detach(), head.weight.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.head.bias.detach(), head.bias.detach(), atol=1e-6, rtol=0)
+    assert len(hist_a.steps) == len(hist_b.steps) == 4
+    assert [s["lr"] for s in hist_a.steps] == [s["lr"] for s in hist_b.steps] and hist_a.steps[0]["lr"] == 0.0
     for sa, sb in zip(hist_a.steps, hist_b.steps):
         assert sa["loss"] == pytest.approx(sb["loss"], abs=1e-5)
         assert sa["grad_norm"] == pytest.approx(sb["grad_norm"], abs=1e-5)
@@ -203,34 +273,30 @@ def test_head_on_cached_features_equals_head_through_full_model(tmp_path, shared
 # ----------------------------------------------------------------------------- gradient clipping
 
 @pytest.fixture(scope="module")
-def small_batch(prepared_dir, cache_dir):
-    split = load_split(prepared_dir, "train", ImageTransform(resize=(32, 32)), cache_dir)
+def small_batch(scratch_data):
+    (pixels, labels), _ = scratch_data
     pick = torch.arange(0, 225, 15)  # 15 images, all classes
-    return split.images[pick], split.labels[pick]
+    return pixels[pick], labels[pick]
 
 
-def _tiny_vit(seed: int) -> VisionTransformer:
+def _tiny_vit(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = VisionTransformer(parse_model_name("Ti/16", image_size=32, num_classes=3))
+    model = build_model("vit:Ti/16", 32, 3)
     with torch.no_grad():  # a non-zero head, so gradients reach every layer
         nn.init.normal_(model.head.weight, std=0.1)
     return model
 
 
-def _one_step(model: nn.Module, batch, clip: float | None) -> train.History:
-    images, labels = batch
-    cfg = TrainConfig(epochs=1, batch_size=len(labels), lr=1e-3, weight_decay=0.0, clip_grad_norm=clip, device="cpu")
-    norm = ImageTransform(resize=(32, 32)).normalize
-    return train.fit(model, (images, labels), (images, labels), cfg, 0, prepare=norm, device=CPU, num_classes=3,
-                     progress=False)
+def _one_step(model: nn.Module, batch, clip: float | None) -> History:
+    cfg = TrainConfig(epochs=1, batch_size=len(batch[1]), lr=1e-3, weight_decay=0.0, clip_grad_norm=clip, device="cpu")
+    return fit(model, batch, batch, cfg, schedule(cfg, len(batch[1])), 0, SMALL.to_input, CPU, 3, progress=False)
 
 
 def test_clipping_bounds_the_update_and_logs_the_norm_before_clipping(small_batch):
-    images, labels = small_batch
-    norm = ImageTransform(resize=(32, 32)).normalize
+    pixels, labels = small_batch
     # the global gradient norm of the first step, computed by hand on the same weights and images
     ref = _tiny_vit(0)
-    loss = F.cross_entropy(ref(norm(images)), labels)
+    loss = F.cross_entropy(ref(SMALL.to_input(pixels)), labels)
     loss.backward()
     expected_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in ref.parameters())).item()
     assert expected_norm > 1e-3
@@ -254,3 +320,106 @@ def test_clipping_bounds_the_update_and_logs_the_norm_before_clipping(small_batc
     assert max_update(unclipped) == pytest.approx(1e-3, rel=1e-2)
     # clipped to a global norm of 1e-12, every |g| <= 1e-12, so each update is <= lr * 1e-12 / 1e-8 = 1e-7
     assert 0 < max_update(clipped) <= 1e-3 * clip / 1e-8 * 1.001
+
+
+# ----------------------------------------------------------------------------- drop_last and the schedule
+
+@pytest.fixture(scope="module")
+def pixel_features(scratch_data):
+    """Cheap real features: every 225-set image as an 8x8 thumbnail, 192 numbers."""
+    (pixels, labels), _ = scratch_data
+    return F.avg_pool2d(SMALL.to_input(pixels), 4).flatten(1), labels
+
+
+@pytest.mark.parametrize("batch_size, accum, drop_last, steps_images", [
+    (32, 1, True, [32, 32]),          # 70 = 2 x 32 + 6: the short batch is dropped
+    (32, 1, False, [32, 32, 6]),      # ... or is a small step of its own
+    (16, 2, True, [32, 32]),          # 4 full micro-batches of 16 make 2 steps
+    (16, 2, False, [32, 32, 6]),      # the 5th, of 6 images, is a step alone
+    (8, 4, False, [32, 32, 6]),
+])
+def test_drop_last_changes_the_steps_as_the_schedule_says(pixel_features, batch_size, accum, drop_last, steps_images):
+    features, labels = pixel_features
+    data = (features[:70], labels[:70])
+    cfg = TrainConfig(epochs=2, batch_size=batch_size, grad_accum_steps=accum, drop_last=drop_last, warmup=True,
+                      decay="cosine", device="cpu")
+    sched = schedule(cfg, 70)
+    assert sched.steps_per_epoch == len(steps_images) and sched.total_steps == 2 * len(steps_images)
+    assert sched.last_batch == (batch_size if drop_last else 70 % batch_size)
+    torch.manual_seed(0)
+    history = fit(linear_head(192, 3), data, data, cfg, sched, 0, lambda x: x, CPU, 3, progress=False)
+    assert [s["step"] for s in history.steps] == list(range(sched.total_steps))
+    assert [s["images"] for s in history.steps] == steps_images * 2
+    assert [s["lr"] for s in history.steps] == [sched.lr(k) for k in range(sched.total_steps)]
+    assert [s["epoch"] for s in history.steps] == [1] * len(steps_images) + [2] * len(steps_images)
+    # an epoch's training accuracy counts the images it trained on
+    for row in history.epochs:
+        assert row["train_acc"] * sum(steps_images) == pytest.approx(round(row["train_acc"] * sum(steps_images)))
+
+
+def test_drop_last_with_fewer_images_than_a_batch_is_refused():
+    with pytest.raises(ValueError, match="20 training images are fewer than one batch of 32"):
+        schedule(TrainConfig(batch_size=32, drop_last=True), 20)
+    assert schedule(TrainConfig(batch_size=32, drop_last=False), 20).total_steps == 10
+
+
+# ----------------------------------------------------------------------------- the logistic regression's C
+
+@pytest.fixture
+def one_blas_thread():
+    """scikit-learn's BLAS threads contend on the busy 2-core CPU: 4-5x slower than one thread."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
+def test_fit_logistic_picks_c_on_the_validation_fold_only(splits, pixel_features, scratch_data, old_order,
+                                                          one_blas_thread):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    # a feature table over the 225 training images and the 75 test images, as the features stage writes one
+    train_subset, test_subset = old_order
+    test_features = F.avg_pool2d(SMALL.to_input(scratch_data[1][0]), 4).flatten(1)
+    vectors = torch.cat([pixel_features[0], test_features])
+    table = Features(vectors, train_subset.ids + test_subset.ids, {})
+    grid = (0.01, 0.1, 1.0)
+
+    def inputs(table: Features, sets=splits) -> list[torch.Tensor]:
+        """What the runner hands fit_logistic: the training set, its validation fold and the rest of it."""
+        return [t for name in ("225", "225:val", "225:fit") for t in table.select(sets.subset(name))]
+
+    def search(table: Features):
+        train_x, train_y, val_x, val_y, fit_x, fit_y = inputs(table)
+        return fit_logistic((train_x, train_y), (val_x, val_y), (fit_x, fit_y), grid, 3)
+
+    head, result = search(table)
+    fit_part, val = table.select(splits.subset("225:fit")), table.select(splits.subset("225:val"))
+    assert len(val[1]) == 45 and len(fit_part[1]) == 180
+
+    def model(c, data):
+        return LogisticRegression(C=c, max_iter=10000, tol=1e-6).fit(data[0].double().numpy(), data[1].numpy())
+
+    by_hand = {c: log_loss(val[1].numpy(), model(c, fit_part).predict_proba(val[0].double().numpy()), labels=[0, 1, 2])
+               for c in grid}
+    assert result["validation_log_loss"] == pytest.approx({str(c): v for c, v in by_hand.items()})
+    assert result["C"] == min(grid, key=lambda c: by_hand[c])
+    # the chosen C is then refitted on the whole training set
+    final = model(result["C"], table.select(splits.subset("225")))
+    torch.testing.assert_close(head.weight.detach().double(), torch.from_numpy(final.coef_), atol=1e-5, rtol=0)
+    torch.testing.assert_close(head.bias.detach().double(), torch.from_numpy(final.intercept_), atol=1e-5, rtol=0)
+
+    # other test labels or test features change nothing: the search never sees the test set (fit_logistic is a
+    # function of these inputs alone)
+    scrambled = vectors.clone()
+    scrambled[225:] = scrambled[225:][torch.randperm(75, generator=torch.Generator().manual_seed(0))] + 1.0
+    relabelled = dataclasses.replace(splits, test=Subset("test", tuple(
+        dataclasses.replace(i, label=(i.label + 1) % 3) for i in splits.test.images)))
+    assert relabelled.test.digest != splits.test.digest
+    for changed in (inputs(Features(scrambled, table.ids, {})), inputs(table, relabelled)):
+        assert all(torch.equal(a, b) for a, b in zip(changed, inputs(table)))
+    # ... while the validation labels decide: with others, the scores change
+    shuffled = table.select(splits.subset("225:val"))[1][torch.randperm(45, generator=torch.Generator().manual_seed(1))]
+    _, other = fit_logistic(table.select(splits.subset("225")), (val[0], shuffled), fit_part, grid, 3)
+    assert other["validation_log_loss"] != result["validation_log_loss"]

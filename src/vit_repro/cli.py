@@ -19,9 +19,10 @@ def _params(args: argparse.Namespace):
 
 
 def _root() -> Path:
-    from .tracking import repo_root
+    """The checkout whose files a stage reads and writes (not DVC_ROOT: a queued experiment works in a copy)."""
+    from .tracking import workspace_root
 
-    return repo_root()
+    return workspace_root()
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -103,11 +104,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     root = _root()
     paths = Paths.default(root)
     paths = Paths(root, args.runs or paths.runs, paths.splits, paths.prepared, paths.features, paths.cache)
+    if args.only and paths.runs.resolve() == (root / "runs").resolve():
+        from .config import ConfigError
+
+        raise ConfigError("--only trains part of an arm: pass --runs to another folder, so runs/ keeps the whole arm")
     main = os.environ.get("RANK", "0") == "0"
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if main else (lambda line: None)
-    for line in estimate_lines(params, args.experiments, arms=[args.arm]):
-        log(line)
-    records = run_arm(params, kind, args.arm, paths, args.experiments, progress=not args.no_progress, log=log)
+    if not args.only:
+        for line in estimate_lines(params, args.experiments, arms=[args.arm]):
+            log(line)
+    records = run_arm(params, kind, args.arm, paths, args.experiments, progress=not args.no_progress, log=log,
+                      only=set(args.only) if args.only else None)
     if main:
         print(f"{args.arm}: {len(records)} runs -> {paths.runs / args.arm}")
 
@@ -204,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_params(p)
     p.add_argument("--arm", required=True, help="an arm of params.yaml `scratch` or `frozen`, e.g. vit or head")
     p.add_argument("--runs", type=Path, help="runs folder (default: runs/ at the repository root)")
+    p.add_argument("--only", nargs="+", metavar="RUN", help="train only these runs, e.g. head/225/clip/seed0 (needs --runs)")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch lines (runs are still summarised)")
 
     p = add("check", cmd_check, "validate params.yaml, every recipe and the device, and print the study's estimated time")

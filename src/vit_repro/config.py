@@ -10,7 +10,7 @@ a message naming the key and the file.
 from __future__ import annotations
 
 import copy
-import functools
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -109,6 +109,25 @@ class ArmConfig(_Strict):
     train: dict[str, Any] = {}  # overrides of `train`
 
 
+MODEL_NAME = re.compile(r"vit:(?P<variant>[A-Za-z]+)/(?P<patch>\d+)")
+RESNET18 = "resnet18"
+
+
+def model_problem(name: str, image_size: int | None = None) -> str:
+    """Why ``name`` is not ``vit:<Table 1 variant>/<patch>`` or ``resnet18`` (at ``image_size``), or '' if it is."""
+    if name == RESNET18:
+        return ""
+    match = MODEL_NAME.fullmatch(name)
+    if match is None:
+        return f"unknown model {name!r}: use vit:<variant>/<patch> (e.g. vit:Ti/16) or {RESNET18}"
+    if match["variant"] not in paper.TABLE1:
+        return f"unknown ViT variant {match['variant']!r} in {name!r}: use one of {list(paper.TABLE1)}"
+    patch = int(match["patch"])
+    if patch < 1 or (image_size is not None and image_size % patch):
+        return f"image size {image_size} is not divisible by patch size {patch} (model {name!r})"
+    return ""
+
+
 class ScratchArm(ArmConfig):
     """Trained from random initialisation on the images themselves."""
 
@@ -120,9 +139,9 @@ class ScratchArm(ArmConfig):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        from .models import check_model_name
-
-        check_model_name(v)
+        problem = model_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 
@@ -376,7 +395,7 @@ def resolve_run(params: Params, kind: Kind, arm: str, train_set: str, recipe: st
         assert isinstance(cfg, ScratchArm)
         model, image_size, dropout, augment = cfg.model, cfg.image_size, cfg.dropout, cfg.augment
         backbone = backbone_name = None
-        problem = _model_problem(model, image_size, dropout)
+        problem = model_problem(model, image_size)
         if problem:
             raise ConfigError(f"invalid settings in params.yaml: scratch.{arm}: {problem}")
     else:
@@ -387,18 +406,6 @@ def resolve_run(params: Params, kind: Kind, arm: str, train_set: str, recipe: st
         image_size=image_size, dropout=dropout, augment=augment, train=train, backbone=backbone,
         backbone_name=backbone_name,
     )
-
-
-@functools.lru_cache(maxsize=None)
-def _model_problem(model: str, image_size: int, dropout: float) -> str:
-    """Why the named model cannot be built at this size ('' if it can): built once, on the meta device."""
-    from .models import build_model
-
-    try:
-        build_model(model, image_size=image_size, num_classes=3, dropout=dropout, device="meta")
-    except ValueError as exc:
-        return str(exc)
-    return ""
 
 
 def resolve_arm(params: Params, kind: Kind, arm: str, experiments_dir: str | Path = "experiments") -> list[RunConfig]:

@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import UserError
-from .fsutil import replace_dir
+from .fsutil import read_json, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -438,12 +438,7 @@ def read_summary(prepared_dir: Path) -> dict:
     """The ``summary.json`` that ``prepare`` wrote: dataset, classes, counts, digest, images."""
     path = Path(prepared_dir) / SUMMARY_FILE
     fix = "run `dvc repro prepare` to (re)create the prepared dataset"
-    try:
-        summary = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; {fix}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    summary = read_json(path, fix, DataError)
     missing = {"dataset", "classes", "counts", "digest", "images"} - set(summary if isinstance(summary, dict) else ())
     if missing:
         raise DataError(f"{path}: missing keys {sorted(missing)}; {fix}")

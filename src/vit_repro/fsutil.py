@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from .errors import UserError
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -27,9 +31,13 @@ def replace_dir(tmp: Path, out_dir: Path) -> None:
         os.replace(out_dir, old / out_dir.name)
     try:
         os.replace(tmp, out_dir)
-    finally:
-        if old is not None:
+    except BaseException:
+        if old is not None:  # put the previous output back: it is only thrown away once replaced
+            os.replace(old / out_dir.name, out_dir)
             shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
@@ -45,3 +53,13 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
         raise
     tmp.chmod(0o755)  # mkdtemp makes it private; outputs are not
     replace_dir(tmp, out_dir)
+
+
+def read_json(path: Path, fix: str, error: type[UserError] = UserError) -> Any:
+    """The JSON in ``path``; a missing or unreadable file raises ``error`` naming the file and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: missing; {fix}") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{path}: unreadable ({type(exc).__name__}: {' '.join(str(exc).split())}); {fix}") from None

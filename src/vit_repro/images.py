@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -273,7 +272,7 @@ class Augment:
             ops.append(v2.RandomHorizontalFlip())
         if cfg.trivial_augment:
             ops.append(v2.TrivialAugmentWide())
-        self.transform = v2.Compose(ops)
+        self.transform = v2.Compose(ops) if ops else v2.Identity()
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:

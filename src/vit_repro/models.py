@@ -13,25 +13,18 @@ import torch
 from torch import nn
 
 from .model import VisionTransformer, count_parameters, parse_model_name
+from .config import RESNET18, model_problem
 from .record import ModelRecord
 
 VIT_PREFIX = "vit:"
-RESNET18 = "resnet18"
-
-
-def check_model_name(name: str) -> None:
-    """Raise ``ValueError`` with the valid forms unless ``name`` is ``vit:<variant>/<patch>`` or ``resnet18``."""
-    if name == RESNET18:
-        return
-    if not name.startswith(VIT_PREFIX):
-        raise ValueError(f"unknown model {name!r}: use vit:<variant>/<patch> (e.g. vit:Ti/16) or {RESNET18}")
-    parse_model_name(name.removeprefix(VIT_PREFIX))
 
 
 def build_model(name: str, image_size: int, num_classes: int, dropout: float = 0.0,
                 device: torch.device | str | None = None) -> nn.Module:
     """A randomly initialised model (draws from the global torch RNG: seed it first)."""
-    check_model_name(name)
+    problem = model_problem(name, image_size)
+    if problem:
+        raise ValueError(problem)
     with torch.device(device) if device is not None else nullcontext():
         if name == RESNET18:
             from torchvision.models import resnet18

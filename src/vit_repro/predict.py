@@ -61,13 +61,15 @@ def predict_files(predictor: Predictor, paths: list[Path]) -> tuple[list[Predict
 def _weights_folder(run_id: str | None, weights_dir: Path | None) -> Path:
     if weights_dir is not None:
         return Path(weights_dir)
-    from .tracking import in_repository, tracking_uri
+    from .tracking import bound_http_requests, check_backend, in_repository, tracking_uri
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         where = "this repository" if in_repository() else "here (not inside a vit-repro repository)"
         raise PredictError(f"no MLflow store {uri.removeprefix('sqlite:///')} {where}: run from the repository that "
                            "trained the run, set MLFLOW_TRACKING_URI, or pass --weights FOLDER")
+    bound_http_requests()  # a tracking server that stops answering cannot hang the download either
+    check_backend(uri)  # an unreachable server: one clear message at once, not minutes of retries
     import mlflow
 
     mlflow.set_tracking_uri(uri)

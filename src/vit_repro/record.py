@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .config import RunConfig
 from .errors import UserError
+from .fsutil import read_json
 
 FORMAT = "vit-repro-run/2"
 RECORD_FILE, HISTORY_FILE, STEPS_FILE, PREDICTIONS_FILE = "run.json", "history.csv", "steps.csv", "predictions.csv"
@@ -171,12 +172,7 @@ def read_record(run_dir: Path) -> RunRecord:
     """``run_dir/run.json`` validated; a missing, unreadable or malformed file raises ``RecordError``."""
     path = Path(run_dir) / RECORD_FILE
     fix = "rerun its stage (`dvc repro`) or restore the folder from git"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RecordError(f"{path}: missing; {fix}") from None
-    except (OSError, ValueError) as exc:
-        raise RecordError(f"{path}: unreadable ({type(exc).__name__}: {exc}); {fix}") from None
+    raw = read_json(path, fix, RecordError)
     try:
         return RunRecord.model_validate(raw)
     except ValidationError as exc:

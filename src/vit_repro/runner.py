@@ -142,15 +142,24 @@ class Stage:
     data_info: dict[str, Any]
     backbone: BackboneRecord | None
     progress: bool
+    partial: bool = False  # only some runs of the arm (`--only`): the variants' summaries are left as they were
 
 
 def run_arm(params: Params, kind: Kind, arm: str, paths: Paths, experiments: Path = Path("experiments"),
-            progress: bool = True, log=print) -> list[RunRecord]:
+            progress: bool = True, log=print, only: set[str] | None = None) -> list[RunRecord]:
     """Train every run of ``kind.arm`` not trained yet for this key; replace ``runs/<arm>`` when all are done.
 
+    ``only``: train just these runs (``<arm>/<train set>/<recipe>/seed<k>``), e.g. to check that one seed
+    reproduces; ``paths.runs`` then receives an arm folder holding only them.
     Under torchrun every process calls this; only rank 0 talks to MLflow and writes files.
     """
     configs = resolve_arm(params, kind, arm, experiments)
+    if only is not None:
+        unknown = sorted(only - {c.run_name for c in configs})
+        if unknown:
+            raise ConfigError(f"no run {unknown[0]} in arm {arm!r}: runs are named <arm>/<train set>/<recipe>/seed<k>, "
+                              f"e.g. {configs[0].run_name}")
+        configs = [c for c in configs if c.run_name in only]
     rank, _, world = torchrun_env()
     per_process_batch(configs[0].train.batch_size, world)
     device = resolve_device(configs[0].train.device)
@@ -171,16 +180,14 @@ def run_arm(params: Params, kind: Kind, arm: str, paths: Paths, experiments: Pat
                            "features": features.info["key"] if features else None})
     staging = paths.root / ".cache" / "stages" / f"{arm}-{key}"
     if rank == 0:
-        for stale in sorted((paths.root / ".cache" / "stages").glob(f"{arm}-*")):
-            if stale != staging:
-                log(f"{arm}: removing {stale.name}, unfinished runs of an earlier configuration")
-                shutil.rmtree(stale, ignore_errors=True)
+        _remove_stale_stages(paths.root / ".cache" / "stages", staging, set(params.scratch) | set(params.frozen), log)
     torch.use_deterministic_algorithms(True, warn_only=True)
     threads = torch.get_num_threads()
     if kind == "frozen":  # a linear head gains nothing from threads, and one thread gives the same numbers on any CPU
         torch.set_num_threads(1)
     try:
-        records = _run_stage(params, kind, configs, paths, features, splits, staging, device, rank, progress, log)
+        records = _run_stage(params, kind, configs, paths, features, splits, staging, device, rank, progress, log,
+                             partial=only is not None)
     finally:
         torch.set_num_threads(threads)
     if rank == 0:
@@ -189,8 +196,20 @@ def run_arm(params: Params, kind: Kind, arm: str, paths: Paths, experiments: Pat
     return records
 
 
+def _remove_stale_stages(stages: Path, current: Path, arms: set[str], log) -> None:
+    """Staging areas of this arm's earlier configurations, and of arms no longer in params.yaml, are stale."""
+    arm = current.name.rsplit("-", 1)[0]
+    for stale in sorted(stages.glob("*-*")):
+        owner = stale.name.rsplit("-", 1)[0]
+        if stale != current and (owner == arm or owner not in arms):
+            why = "an earlier configuration" if owner == arm else "an arm no longer in params.yaml"
+            log(f"{arm}: removing {stale.name}, unfinished runs of {why}")
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _run_stage(params: Params, kind: Kind, configs: list[RunConfig], paths: Paths, features: Features | None,
-               splits: Splits, staging: Path, device: torch.device, rank: int, progress: bool, log) -> list[RunRecord]:
+               splits: Splits, staging: Path, device: torch.device, rank: int, progress: bool, log,
+               partial: bool) -> list[RunRecord]:
     arm = configs[0].arm
     with distributed(device) as device:
         tracker = tracking.Tracker(f"vit-repro/{params.study.name}", paths.root) if rank == 0 else None
@@ -198,7 +217,7 @@ def _run_stage(params: Params, kind: Kind, configs: list[RunConfig], paths: Path
             log(f"{arm}: marked {len(tracker.closed)} run(s) left RUNNING by a dead process as FAILED")
         stage = Stage(params, paths, ArmInputs(kind, splits, paths, configs[0].image_size, features), device, tracker,
                       staging, _provenance(paths.root, device, configs[0]), _data_info(splits, paths),
-                      _backbone_record(features), progress)
+                      _backbone_record(features), progress, partial)
         return _run_all(stage, configs, log)
 
 
@@ -210,23 +229,30 @@ def _run_all(stage: Stage, configs: list[RunConfig], log) -> list[RunRecord]:
         by_variant.setdefault(cfg.variant, []).append(cfg)
     for variant, runs in by_variant.items():
         parent = _parent(stage, runs[0]) if main else ""
-        done: list[RunRecord] = []
-        for cfg in runs:
-            out = stage.staging / cfg.out_dir
-            record = broadcast(_finished(out) if main else None)
-            if record is not None:
-                log(f"{cfg.run_name}: already trained in this stage's staging area, kept")
-            else:
-                record = train_run(stage, cfg, parent, out)
-                if main:
-                    log(f"{cfg.run_name}: test balanced accuracy {record.test.balanced_accuracy:.4f}, accuracy "
-                        f"{record.test.accuracy:.4f} ({record.test.correct}/{record.test.images}), loss "
-                        f"{record.test.loss:.4f}, {record.provenance.wall_time_s:.1f}s")
-            done.append(record)
+        with stage.tracker.parent_open(parent) if main else nullcontext():
+            done = _run_variant(stage, runs, parent, log)
         if main:
-            stage.tracker.finish_parent(parent, _parent_summary(done))
+            stage.tracker.finish_parent(parent, {} if stage.partial else _parent_summary(done))
         records += done
     return records
+
+
+def _run_variant(stage: Stage, runs: list[RunConfig], parent: str, log) -> list[RunRecord]:
+    main = stage.tracker is not None
+    done: list[RunRecord] = []
+    for cfg in runs:
+        out = stage.staging / cfg.out_dir
+        record = broadcast(_finished(out) if main else None)
+        if record is not None:
+            log(f"{cfg.run_name}: already trained in this stage's staging area, kept")
+        else:
+            record = train_run(stage, cfg, parent, out)
+            if main:
+                log(f"{cfg.run_name}: test balanced accuracy {record.test.balanced_accuracy:.4f}, accuracy "
+                    f"{record.test.accuracy:.4f} ({record.test.correct}/{record.test.images}), loss "
+                    f"{record.test.loss:.4f}, {record.provenance.wall_time_s:.1f}s")
+        done.append(record)
+    return done
 
 
 def _finished(out: Path) -> RunRecord | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dataset import CLASSES, DataError, dataset_spec, manifest_path, read_manifest
+from .fsutil import read_json
 
 SPLITS_FILE = "splits.json"
 FORMAT = "vit-repro-splits/1"
@@ -160,14 +161,10 @@ def write_splits(splits: Splits, out_dir: Path) -> Path:
 def read_splits(splits_dir: Path) -> Splits:
     path = Path(splits_dir) / SPLITS_FILE
     fix = "run `dvc repro splits` to rebuild it"
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SplitError(f"{path}: not found; {fix}") from None
-    except ValueError as exc:
-        raise SplitError(f"{path}: not valid JSON ({exc}); {fix}") from None
-    if doc.get("format") != FORMAT:
-        raise SplitError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}; {fix}")
+    doc = read_json(path, fix, SplitError)
+    found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+    if found != FORMAT:
+        raise SplitError(f"{path}: format {found!r}, expected {FORMAT!r}; {fix}")
 
     def subset(name: str, entry: dict) -> Subset:
         return Subset(name, tuple(Image(*row) for row in entry["images"]))

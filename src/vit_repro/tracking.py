@@ -81,15 +81,22 @@ class Interrupted(BaseException):
     """Raised from SIGTERM so the run ends as KILLED, like Ctrl-C."""
 
 
-def repo_root(start: Path | None = None) -> Path:
-    """The project's root: ``$DVC_ROOT`` if set, else the nearest folder above holding ``.dvc`` or ``.git``."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+def workspace_root(start: Path | None = None) -> Path:
+    """The checkout a command works in: the nearest folder above ``start`` (the working directory) holding
+    ``.dvc`` or ``.git``. A queued experiment runs in a temporary copy: its data and outputs are there."""
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / ".dvc").is_dir() or (folder / ".git").exists():
             return folder
     return here
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """Where the MLflow store lives: ``$DVC_ROOT`` if set (the real repository, also for a queued experiment's
+    temporary copy), else ``workspace_root``."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    return workspace_root(start)
 
 
 def in_repository(start: Path | None = None) -> bool:
@@ -107,7 +114,11 @@ def public_uri(uri: str, root: Path) -> str:
     if uri == f"sqlite:///{root / STORE_FILE}":
         return f"sqlite:///{STORE_FILE}"
     parts = urllib.parse.urlsplit(uri)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname or "")) if parts.password else uri
+    if not parts.password:
+        return uri
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6
+    return urllib.parse.urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
 
 
 def bound_http_requests() -> None:
@@ -250,8 +261,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         bound_http_requests()
-        self.uri = tracking_uri(root)
-        self.root = root
+        self.root = repo_root(root)  # the store's repository (DVC_ROOT for a queued experiment's copy)
+        self.uri = tracking_uri(self.root)
         check_backend(self.uri)
         self.experiment_name = experiment_name
         self.unanswered = False  # set once the server left a request unanswered: nothing more is sent to it
@@ -273,7 +284,13 @@ class Tracker:
             if not _unanswered(exc):
                 raise
             self.unanswered = True
-            detail = " ".join(str(exc).split())[:300]
+            text = " ".join(str(exc).split())
+            if "timed out" in text.lower():
+                detail = f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '?')}s, retried"
+            elif "refused" in text.lower() or "NewConnectionError" in text:
+                detail = "connection refused"
+            else:
+                detail = text[:300]
             raise TrackingError(
                 f"the MLflow tracking server at {self.store} stopped answering while {what} ({detail}); training "
                 f"stopped (each request is bounded to {REQUEST_BOUND_S}s) and the last epoch checkpoint is kept: "
@@ -380,6 +397,18 @@ class Tracker:
                 signal.signal(signal.SIGTERM, previous)
             if status:
                 self._end_quietly(handle.run_id, None, status)
+
+    @contextmanager
+    def parent_open(self, parent_id: str) -> Iterator[None]:
+        """While a variant's seeds train: if one fails or is interrupted, the parent ends FAILED or KILLED too."""
+        try:
+            yield
+        except (KeyboardInterrupt, Interrupted):
+            self._end_quietly(parent_id, None, "KILLED")
+            raise
+        except BaseException as exc:
+            self._end_quietly(parent_id, f"a seed failed: {type(exc).__name__}: {exc}"[:5000])
+            raise
 
     def _end_quietly(self, run_id: str, failure: str | None, status: str = "FAILED") -> None:
         """End a run; if the backend is gone too, leave it RUNNING for the next start to close."""

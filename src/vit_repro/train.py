@@ -224,12 +224,12 @@ def fit(
                 f" | test loss {row['test_loss']:.4f} acc {row['test_acc']:.3f} bal {row['test_balanced_acc']:.3f}")
             bar.write(f"{desc} epoch {epoch}/{schedule.epochs}: train loss {row['train_loss']:.4f} acc "
                       f"{row['train_acc']:.3f}{tested} | {row['epoch_time_s']:.1f}s", file=sys.stderr)
-        if on_epoch is not None:
-            on_epoch(history)
-        if checkpoint is not None:
+        if checkpoint is not None:  # before logging: a tracking server that fails now loses no epoch
             state = _training_state(model, optimizer, loader.generator, augment, history, epoch, step, device)
             if rank == 0:
                 checkpoint.save(state)
+        if on_epoch is not None:
+            on_epoch(history)
     bar.close()
     return history
 
@@ -276,14 +276,16 @@ def fit_logistic(train: Data, validation: Data, fit_part: Data, grid: tuple[floa
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
+    from threadpoolctl import threadpool_limits
 
     def model(c: float, data: Data) -> LogisticRegression:
         return LogisticRegression(C=c, max_iter=max_iter, tol=1e-6).fit(data[0].double().numpy(), data[1].numpy())
 
-    scores = {c: log_loss(validation[1].numpy(), model(c, fit_part).predict_proba(validation[0].double().numpy()),
-                          labels=list(range(num_classes))) for c in grid}
-    best = min(grid, key=lambda c: (scores[c], c))
-    final = model(best, train)
+    with threadpool_limits(1):  # like the other frozen runs: one thread, the same numbers on any CPU
+        scores = {c: log_loss(validation[1].numpy(), model(c, fit_part).predict_proba(validation[0].double().numpy()),
+                              labels=list(range(num_classes))) for c in grid}
+        best = min(grid, key=lambda c: (scores[c], c))
+        final = model(best, train)
     head = nn.Linear(train[0].shape[1], num_classes)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(final.coef_))

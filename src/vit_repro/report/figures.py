@@ -129,40 +129,46 @@ def curves(study: Study, path: Path) -> Path:
     return _save(fig, path)
 
 
-def lr_schedule(study: Study, path: Path) -> Path:
-    """The learning rate of each recipe as recorded per step (first seed of each variant), per arm."""
+def _step_panels(study: Study, path: Path, title: str, ylabel: str, draw, log: bool = False,
+                 threshold: float | None = None) -> Path:
+    """One panel per arm that records optimisation steps; ``draw(ax, arm, variant)`` adds a variant's line."""
     names = [a for a in arms(study) if any(r.steps is not None and len(r.steps) for r in study.finished if r.config.arm == a)]
     fig, axes = _grid(max(1, len(names)), 2, (6.0, 3.0))
     for ax, arm in zip(axes, names):
         for v in study.variants(arm):
-            run = study.first(v)
-            if run is not None and len(run.steps):
-                ax.plot(run.steps["step"], run.steps["lr"], lw=1, label=_short(v, arm))
-        ax.set(title=arm, xlabel="optimisation step", ylabel="learning rate")
+            draw(ax, arm, v)
+        if threshold is not None:
+            ax.axhline(threshold, color="black", ls="--", lw=1)
+        if log:
+            ax.set_yscale("log")
+        ax.set(title=arm, xlabel="optimisation step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncols=2)
-    fig.suptitle("Learning rate per step, as recorded (steps.csv)", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def lr_schedule(study: Study, path: Path) -> Path:
+    """The learning rate of each recipe as recorded per step (first seed of each variant), per arm."""
+    def draw(ax: plt.Axes, arm: str, v: str) -> None:
+        run = study.first(v)
+        if run is not None and len(run.steps):
+            ax.plot(run.steps["step"], run.steps["lr"], lw=1, label=_short(v, arm))
+
+    return _step_panels(study, path, "Learning rate per step, as recorded (steps.csv)", "learning rate", draw)
 
 
 def grad_norm(study: Study, path: Path) -> Path:
     """Median over seeds of the gradient norm before clipping, per step, with the paper's threshold."""
-    names = [a for a in arms(study) if any(r.steps is not None and len(r.steps) for r in study.finished if r.config.arm == a)]
-    fig, axes = _grid(max(1, len(names)), 2, (6.0, 3.0))
-    for ax, arm in zip(axes, names):
-        for v in study.variants(arm):
-            steps = [r.steps.set_index("step")["grad_norm"] for r in study.seeds(v) if len(r.steps)]
-            if steps:
-                median = np.median(np.stack([s.to_numpy() for s in steps if len(s) == len(steps[0])]), axis=0)
-                above = float(np.mean(np.concatenate([s.to_numpy() for s in steps]) > paper.CLIP_GRAD_NORM))
-                ax.plot(steps[0].index, median, lw=1, label=f"{_short(v, arm)} ({100 * above:.0f}% > 1)")
-        ax.axhline(paper.CLIP_GRAD_NORM, color="black", ls="--", lw=1)
-        ax.set_yscale("log")
-        ax.set(title=arm, xlabel="optimisation step", ylabel="gradient norm (log)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncols=2)
-    fig.suptitle("Gradient norm before clipping (median over seeds); dashed: the paper's threshold 1", fontsize=11)
-    return _save(fig, path)
+    def draw(ax: plt.Axes, arm: str, v: str) -> None:
+        steps = [r.steps.set_index("step")["grad_norm"] for r in study.seeds(v) if len(r.steps)]
+        if steps:
+            median = np.median(np.stack([s.to_numpy() for s in steps if len(s) == len(steps[0])]), axis=0)
+            above = float(np.mean(np.concatenate([s.to_numpy() for s in steps]) > paper.CLIP_GRAD_NORM))
+            ax.plot(steps[0].index, median, lw=1, label=f"{_short(v, arm)} ({100 * above:.0f}% > 1)")
+
+    return _step_panels(study, path, "Gradient norm before clipping (median over seeds); dashed: the paper's threshold 1",
+                        "gradient norm (log)", draw, log=True, threshold=paper.CLIP_GRAD_NORM)
 
 
 def confusion(study: Study, path: Path) -> Path:

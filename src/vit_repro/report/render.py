@@ -14,7 +14,7 @@ import pandas as pd
 from .. import paper
 from ..config import Params
 from ..fsutil import staged_dir
-from ..tables import fmt_num, fmt_p, markdown_table, pct
+from ..tables import fmt_p, markdown_table, pct
 from . import settings
 from .analysis import Family, analyse, arms, collapsed, main_recipe, summary_of, train_sets
 from .figures import write_figures
@@ -243,7 +243,10 @@ def provenance(study: Study) -> list[str]:
         f"Each run is an MLflow run in the experiment `{unique(lambda r: r.mlflow.experiment_name)}`, nested under its "
         "variant. From the repository root: "
         + ", or ".join(sorted({f"`mlflow ui --backend-store-uri '{r.mlflow.store}'`" for r in records}))
-        + ", then open the experiment (run ids are in each `run.json`).", ""]
+        + ", then open "
+        + ", ".join(sorted({f"http://127.0.0.1:5000/#/experiments/{r.mlflow.experiment_id}/runs?workflowType=machine_learning"
+                            for r in records}))
+        + " (the training runs; run ids are in each `run.json`).", ""]
     return out
 
 

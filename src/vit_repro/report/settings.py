@@ -75,7 +75,7 @@ def _steps(r: Rec) -> str:
     s = r.schedule
     if r.config.train.optimizer == "lbfgs":
         return f"full batch to convergence ({(r.search or {}).get('iterations', '?')} L-BFGS iterations)"
-    return (f"{s.epochs} epochs of {s.images} images: {s.total_steps:,} steps, "
+    return (f"{s.epochs} epoch{'s' * (s.epochs != 1)} of {s.images} images: {s.total_steps:,} steps, "
             f"{s.total_steps * s.effective_batch:,} images seen")
 
 
@@ -83,13 +83,15 @@ def _last_batch(r: Rec) -> str:
     s = r.schedule
     if s.images % s.batch_size == 0:
         return "none (the images divide into batches)"
-    return (f"dropped ({s.images % s.batch_size} images skipped per epoch)" if s.drop_last
+    skipped = s.images % s.batch_size
+    return (f"dropped ({skipped} image{'s' * (skipped != 1)} skipped per epoch)" if s.drop_last
             else f"kept: a {s.last_batch}-image step every epoch (the seed notebook's)")
 
 
 PRETRAIN = paper.IMAGENET_ROW
 SCRATCH_ROWS: tuple[Setting, ...] = (
-    Setting("Model (Table 1)", _const(f"ViT-B/16: 12 layers, D 768, MLP 3072, 12 heads, 86M (and L, H)"), _model,
+    Setting("Model (Table 1)", _const("ViT-B/16: {0.layers} layers, D {0.hidden}, MLP {0.mlp}, {0.heads} heads, {0.params_millions:g}M "
+                                      "(and L, H)".format(paper.TABLE1["B"])), _model,
             lambda r: r.config.model == "vit:B/16",
             lambda r: ("the same architecture at the size a CPU affords" if _is_vit(r)
                        else "the paper's comparison is a CNN; ResNet-18 is its smallest torchvision form (random init)")),
@@ -115,8 +117,9 @@ SCRATCH_ROWS: tuple[Setting, ...] = (
             _const("the paper does not say whether weight decay is coupled (L2 in Adam) or decoupled (AdamW): we state ours")),
     Setting("Base learning rate", lambda r: _lr_rows(r, PRETRAIN.base_lr) + f" (ImageNet row; {fmt_num(paper.TABLE3[4].base_lr)} for ImageNet-21k)",
             _our_lr, lambda r: False,
-            lambda r: ("the paper's rate scaled to our batch by the square root of the batch ratio (a stated rule; "
-                       "linear scaling left the ViT at chance in the regime sweep)" if r.schedule.lr_scaling == "sqrt"
+            lambda r: (f"the paper's rate scaled to our batch by a stated rule ({r.schedule.lr_scaling} in the batch ratio), "
+                       "the candidate with the best validation balanced accuracy in the regime sweep "
+                       "(benchmarks/scratch_regime.md)" if r.schedule.lr_scaling != "none"
                        else "the seed notebook's rate, 1e-3, used unscaled at 1/128 of the paper's batch")),
     Setting("Weight decay", _const(f"{fmt_num(PRETRAIN.weight_decay)} (ImageNet row); 0.03 (ImageNet-21k), 0.1 (JFT); "
                                    "Sec. 4.1: 'high weight decay of 0.1'"),
@@ -131,15 +134,17 @@ SCRATCH_ROWS: tuple[Setting, ...] = (
             _const("ResNet-18 as torchvision defines it")),
     Setting("Data augmentation", _const(paper.AUGMENTATION), _augment,
             lambda r: None if not r.config.augment.enabled else False,
-            lambda r: ("the seed notebook used none" if not r.config.augment.enabled else
+            lambda r: ("none: the seed notebook used none, and crops and flips did not help in the regime sweep at this "
+                       "budget (benchmarks/scratch_regime.md)" if not r.config.augment.enabled else
                        "random-resized crops and flips, as inception crop + flip, at our resolution (torchvision.transforms.v2)")),
     Setting("Classifier head", _const(paper.PRETRAIN_HEAD), lambda r: "one linear layer, zero-initialised",
             lambda r: False, _const("the fine-tuning head from the start: a 3-class problem needs no pre-training head")),
     Setting("Last, incomplete batch", _const("not stated (it is negligible at 1.28M images)"), _last_batch, lambda r: None,
             lambda r: "a choice the paper never faces; the frozen arm measures its effect"),
     Setting("Model selection", _const("hyperparameters chosen on held-out sub-splits of the training data (App. B.1.1)"),
-            _const("settings fixed before training; the regime was chosen on a validation fold of the training set, "
-                   "never on the test set; the final weights are the last ones"),
+            lambda r: ("the seed notebook's settings, fixed before training" if r.schedule.lr_scaling == "none" else
+                       "the regime chosen on a validation fold of the training set (benchmarks/scratch_regime.py), "
+                       "never on the test set") + "; the final weights are the last ones",
             lambda r: None, _const("")),
 )
 
