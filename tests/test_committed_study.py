@@ -59,6 +59,21 @@ def test_no_train_or_report_stage_is_stale_in_a_fresh_clone(clone: Path) -> None
     )
 
 
+def test_repro_then_says_up_to_date_and_the_report_rebuilds_byte_for_byte(clone: Path) -> None:
+    env = _env(clone) | {"MLFLOW_TRACKING_URI": f"sqlite:///{clone.parent / 'nothing-trains.db'}"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Data and pipelines are up to date" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    assert not (clone.parent / "nothing-trains.db").exists()  # no stage trained, no MLflow run was started
+    committed = (clone / "reports" / "report.md").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "-f", "report"], cwd=clone, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (clone / "reports" / "report.md").read_bytes() == committed
+    status = subprocess.run(["git", "status", "--porcelain", "reports"], cwd=clone, capture_output=True, text=True)
+    assert status.stdout == "", f"dvc repro -f report changed committed files:\n{status.stdout}"
+
+
 def test_a_committed_frozen_run_retrains_to_the_same_numbers(clone: Path, tmp_path: Path) -> None:
     run = "head/225/clip/seed3"
     proc = subprocess.run([sys.executable, "-m", "vit_repro.cli", "train", "--arm", "head", "--only", run, "--runs",

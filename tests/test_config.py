@@ -50,8 +50,8 @@ def test_arm_recipe_and_study_settings_are_applied_in_order(repo_root):
     assert (seed.model, seed.image_size, seed.train.weight_decay, seed.train.drop_last) == ("vit:Ti/16", 224, 0.1, False)
     vit = resolve_run(params, "scratch", "vit", "225", "paper", 1, repo_root / "experiments")
     assert vit.train.warmup and vit.train.decay == "cosine" and vit.train.clip_grad_norm == 1.0  # the recipe
-    assert vit.train.optimizer == "adamw" and vit.train.lr_scaling == "sqrt"  # the arm
-    assert vit.train.effective_lr == pytest.approx(3e-3 * (32 / 4096) ** 0.5)  # the ImageNet row's rate, sqrt-scaled
+    assert vit.train.optimizer == "adamw" and vit.train.lr_scaling == "linear"  # the arm
+    assert vit.train.effective_lr == pytest.approx(3e-3 * 32 / 4096)  # the ImageNet row's rate, linearly scaled
     assert vit.train.warmup_fraction == paper.WARMUP_FRACTION
     head = resolve_run(params, "frozen", "head", "225", "clip-keep-last", 0, repo_root / "experiments")
     assert head.model == f"vit:{params.backbone.model}" and head.backbone == params.backbone

@@ -89,6 +89,26 @@ def _last_batch(r: Rec) -> str:
 
 
 PRETRAIN = paper.IMAGENET_ROW
+
+
+def _rows_of(r: Rec) -> dict[str, list[str]]:
+    """Which Table 3 rows each of the run's settings comes from (the rate before batch scaling)."""
+    t = r.config.train
+    lr = t.lr if t.lr_scaling != "none" else r.schedule.effective_lr
+    picks = {"learning rate": lambda row: row.base_lr == lr, "weight decay": lambda row: row.weight_decay == t.weight_decay}
+    if _is_vit(r):  # ResNet-18 has no dropout to match
+        picks["dropout"] = lambda row: row.dropout == r.config.dropout
+    return {name: sorted({row.dataset for row in paper.TABLE3 if match(row)}) for name, match in picks.items()}
+
+
+def _table3(r: Rec) -> str:
+    return "; ".join(f"{name}: {', '.join(rows) or 'no row'}" for name, rows in _rows_of(r).items())
+
+
+def _one_row(r: Rec) -> bool:
+    return bool(set.intersection(*(set(rows) for rows in _rows_of(r).values())))
+
+
 SCRATCH_ROWS: tuple[Setting, ...] = (
     Setting("Model (Table 1)", _const("ViT-B/16: {0.layers} layers, D {0.hidden}, MLP {0.mlp}, {0.heads} heads, {0.params_millions:g}M "
                                       "(and L, H)".format(paper.TABLE1["B"])), _model,
@@ -121,6 +141,10 @@ SCRATCH_ROWS: tuple[Setting, ...] = (
                        "the candidate with the best validation balanced accuracy in the regime sweep "
                        "(benchmarks/scratch_regime.md)" if r.schedule.lr_scaling != "none"
                        else "the seed notebook's rate, 1e-3, used unscaled at 1/128 of the paper's batch")),
+    Setting("Table 3 row followed", _const("one row per pre-training set: its rate, decay, weight decay and dropout "
+                                           "belong together"), _table3, _one_row,
+            lambda r: f"the values come from different rows ({_table3(r)}), the warmup share and cosine decay from the "
+                      "ImageNet row: a mix the paper never ran (the seed notebook's settings)"),
     Setting("Weight decay", _const(f"{fmt_num(PRETRAIN.weight_decay)} (ImageNet row); 0.03 (ImageNet-21k), 0.1 (JFT); "
                                    "Sec. 4.1: 'high weight decay of 0.1'"),
             lambda r: f"{fmt_num(r.config.train.weight_decay)}, " + ("decoupled" if r.config.train.optimizer == "adamw" else "coupled (L2)"),
