@@ -10,6 +10,8 @@ Fixtures (all documented below):
 - ``splits``: the study's image sets (``splits.Splits``) from the committed manifests.
 - ``make_dvc_repo(...)``: a fresh git+DVC repo in a temp folder with chosen project files copied in.
 - ``mlflow_servers(...)``: real ``mlflow server`` / ``mlflow ui`` processes on 127.0.0.1, stopped after the module.
+- ``committed_clone``: a fresh clone of HEAD whose data, weights and features were rebuilt by ``dvc repro features``.
+- ``DATA_STAGES`` / ``seed_data_stages(repo, clone)``: give a repository the clone's rebuilt data stages.
 """
 
 from __future__ import annotations
@@ -243,6 +245,51 @@ def mlflow_servers() -> Iterator[Callable[..., "MlflowServer"]]:
     finally:
         for server in reversed(started):
             stop_mlflow(server)
+
+
+# ------------------------------------------------------------------ the committed study, rebuilt in a fresh clone
+
+DATA_STAGES = ("prepare", "splits", "pretrained", "features")  # what git does not hold, rebuilt from the sources
+DATA_OUTS = ("data/prepared", "data/splits", "models/pretrained", "data/features")
+
+
+def clean_env(path: Path) -> dict[str, str]:
+    """This environment without a store, repo root or device inherited from the caller; this Python's scripts first."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "VIT_REPRO_DEVICE")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def committed_clone(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path, wheel_cache: Path) -> Path:
+    """A fresh clone of the committed HEAD, offline dataset setting on, where ``dvc repro features`` rebuilt the data,
+    the backbone's weights and the 691 images' features (about four minutes here): what a user's fresh clone does."""
+    path = tmp_path_factory.mktemp("committed") / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(path)], check=True)
+    env = clean_env(path)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "--local", DVC_REMOTE, "url",
+                    str(shared_dir / "datasets")], cwd=path, env=env, check=True)
+    (path / ".cache").mkdir()
+    (path / ".cache" / "wheels").symlink_to(wheel_cache)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "features"], cwd=path, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return path
+
+
+def seed_data_stages(repo: DvcRepo, clone: Path) -> None:
+    """Copy the clone's rebuilt data stages (their outputs and their ``dvc.lock`` entries) into ``repo``, so that its
+    ``dvc repro`` finds them up to date when its code, data and their params are the clone's, and rebuilds them
+    (as any changed stage) when they are not."""
+    import yaml
+
+    for rel in DATA_OUTS:
+        shutil.copytree(clone / rel, repo.path / rel, dirs_exist_ok=True)
+    repo.dvc("config", "--local", "cache.dir", str(clone / ".dvc" / "cache"))  # where those outputs' objects are
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    kept = {name: stage for name, stage in lock["stages"].items() if name.split("@")[0] in DATA_STAGES}
+    (repo.path / "dvc.lock").write_text(yaml.safe_dump({**lock, "stages": kept}, sort_keys=False))
 
 
 # ------------------------------------------------------------------ a trained tiny study (test_failures & co.)

