@@ -65,6 +65,18 @@ def tiny_study(raw: dict, scratch_seeds: int = 2, head_seeds: int = 3, one_datas
     return raw
 
 
+# Tests that share an expensive session fixture run on one pytest-xdist worker (`--dist loadgroup`, see
+# pyproject.toml), so each fixture is built once per session, not once per worker.
+XDIST_GROUPS = {"committed_clone": "committed-clone", "trained_study": "trained-study"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = next((g for fixture, g in XDIST_GROUPS.items() if fixture in getattr(item, "fixturenames", ())), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def wheel_cache() -> Path:
     """The checkout's ``.cache/wheels`` with the pinned backbone wheel in it (downloaded once if missing), for

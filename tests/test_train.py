@@ -4,7 +4,7 @@ The renovation's behaviour-unchanged check: ``tests/data/pre_renovation_run.json
 code before the renovation (commit 9b0cf7a) gave for a tiny scratch run (Ti/16 at 32 px, recipe paper, 2
 epochs) on pizza_steak_sushi's 225 training images, tested on its 75 test images, fed in the old loader's order
 (files sorted by path). The new ``fit``/``evaluate`` must give the same steps exactly and the same epochs
-to 1e-6. (The file's ``frozen`` recording, a zero head on ViT-S/14 features, was matched by the renovated code
+to 1e-6 on a CPU with the recording's kernels (AVX2); elsewhere the steps' floats within 1e-5 relative. (The file's ``frozen`` recording, a zero head on ViT-S/14 features, was matched by the renovated code
 at commit 63bd215; its test, two minutes of feature extraction, gave way to the committed study's exact
 retraining of a frozen run, tests/test_committed_study.py.) Then: seeds, per-image metrics, the frozen shortcut's equivalence, clipping, drop_last, and the
 logistic regression's choice of C.
@@ -99,9 +99,22 @@ def seed0(scratch_data) -> tuple[nn.Module, History]:
     return scratch_run(scratch_data, 0)
 
 
+# The recording's machine ran PyTorch's AVX2 CPU kernels; an AVX-512 CPU sums in another order, which moved the
+# steps' losses and gradient norms by less than 3e-7 relative over the 16 steps (measured); the batches, learning
+# rates and every count stay exact.
+SAME_KERNELS = torch.backends.cpu.get_cpu_capability() == PRE_RENOVATION["cpu_capability"]
+OTHER_KERNELS_REL = 1e-5
+
+
 def assert_matches_recording(history: History, final: Evaluation, expected: dict) -> None:
     steps = [{k: s[k] for k in ("step", "lr", "loss", "grad_norm")} for s in history.steps]
-    assert steps == expected["steps"]  # exactly: same batches, same arithmetic
+    if SAME_KERNELS:
+        assert steps == expected["steps"]  # exactly: same batches, same arithmetic
+    else:
+        assert [(s["step"], s["lr"]) for s in steps] == [(s["step"], s["lr"]) for s in expected["steps"]]
+        for got, want in zip(steps, expected["steps"], strict=True):
+            for key in ("loss", "grad_norm"):
+                assert got[key] == pytest.approx(want[key], rel=OTHER_KERNELS_REL, abs=0), (got["step"], key)
     assert len(history.epochs) == len(expected["epochs"])
     for got, want in zip(history.epochs, expected["epochs"]):
         for key, value in want.items():
