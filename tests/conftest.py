@@ -70,6 +70,7 @@ def tiny_study(raw: dict, scratch_seeds: int = 2, head_seeds: int = 3, one_datas
 XDIST_GROUPS = {"committed_clone": "committed-clone", "trained_study": "trained-study"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         group = next((g for fixture, g in XDIST_GROUPS.items() if fixture in getattr(item, "fixturenames", ())), None)
