@@ -3,7 +3,7 @@
     python benchmarks/compare_runs.py RERUN_CHECKOUT [COMMITTED_CHECKOUT] [--out FILE.md]
 
 RERUN_CHECKOUT is a clone where `dvc repro --force` retrained the study (on another machine, say);
-COMMITTED_CHECKOUT (default: this checkout) holds the committed `runs/` and `reports/report.md`. Per arm it
+COMMITTED_CHECKOUT (default: this checkout) holds the committed `runs/`. Per arm it
 prints how many runs have bit-identical train/test records, how many test predictions changed, the largest
 change in balanced accuracy and test loss and the wall time of both; then every report verdict that changed.
 """
@@ -17,6 +17,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from vit_repro.config import load_params
+from vit_repro.report.analysis import analyse
+from vit_repro.report.load import load_study
 from vit_repro.tables import markdown_table
 
 
@@ -58,22 +61,18 @@ def compare_runs(committed: Path, rerun: Path) -> dict[str, ArmDiff]:
     return arms
 
 
-def verdicts(report: Path) -> dict[str, str]:
-    """Each comparison row of a report (its first two cells) -> its verdict cell."""
-    rows = {}
-    for line in report.read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) > 4 and re.match(r"(better|worse|equivalent|inconclusive|above chance|larger|smaller|no test)",
-                                        cells[-1]):
-            rows[f"{cells[0]} ({cells[1]})"] = cells[-1]
-    return rows
+def verdicts(checkout: Path) -> dict[str, str]:
+    """Every test of the report's family for a checkout's runs: its question -> the report's verdict, as
+    `vit-repro report` computes it (the same loading, statistics and Holm correction)."""
+    family = analyse(load_study(checkout / "runs", load_params(checkout / "params.yaml"), checkout / "experiments"))
+    return {test.question: family.verdict(test) for test in family.tests}
 
 
 def changed_verdicts(committed: Path, rerun: Path) -> list[dict[str, str]]:
     def word(verdict: str) -> str:
         return re.split(r"[:(]| by ", verdict)[0].strip()
 
-    old, new = verdicts(committed / "reports" / "report.md"), verdicts(rerun / "reports" / "report.md")
+    old, new = verdicts(committed), verdicts(rerun)
     return [{"comparison": key, "committed": old[key], "rerun": new.get(key, "(missing)")}
             for key in old if word(old[key]) != word(new.get(key, ""))]
 

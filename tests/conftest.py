@@ -266,7 +266,7 @@ DATA_STAGES = ("prepare", "splits", "pretrained", "features")  # what git does n
 DATA_OUTS = ("data/prepared", "data/splits", "models/pretrained", "data/features")
 
 
-def clean_env(path: Path) -> dict[str, str]:
+def clean_env() -> dict[str, str]:
     """This environment without a store, repo root or device inherited from the caller; this Python's scripts first."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "VIT_REPRO_DEVICE")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -280,7 +280,7 @@ def committed_clone(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path, 
     the backbone's weights and the 691 images' features (about four minutes here): what a user's fresh clone does."""
     path = tmp_path_factory.mktemp("committed") / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(path)], check=True)
-    env = clean_env(path)
+    env = clean_env()
     subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "--local", DVC_REMOTE, "url",
                     str(shared_dir / "datasets")], cwd=path, env=env, check=True)
     (path / ".cache").mkdir()

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import DvcRepo
+from conftest import DvcRepo, clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,10 +50,7 @@ def write_params(path: Path, updates: dict[str, Any] | None = None) -> Path:
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for a `vit-repro` subprocess: no inherited store or repo root, this Python's scripts first."""
-    env = dict(os.environ)
-    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "VIT_REPRO_DEVICE"):
-        env.pop(key, None)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env = clean_env()
     env["OMP_NUM_THREADS"] = "1"  # the CPU is shared: one thread per process avoids contention
     env.update(extra)
     return env

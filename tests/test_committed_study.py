@@ -31,7 +31,7 @@ def clone(committed_clone: Path) -> Path:
 
 def assert_nothing_stale(clone: Path) -> None:
     """`dvc status` in the clone: no rebuilt data stage differs from dvc.lock, and no train or report stage is stale."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=clone, env=clean_env(clone),
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=clone, env=clean_env(),
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout or "{}")
@@ -51,7 +51,7 @@ def test_no_train_or_report_stage_is_stale_in_a_fresh_clone(clone: Path) -> None
 
 def test_repro_then_says_up_to_date_and_the_report_rebuilds_byte_for_byte(clone: Path) -> None:
     assert_nothing_stale(clone)  # else `dvc repro` would retrain the study (an hour) before failing
-    env = clean_env(clone) | {"MLFLOW_TRACKING_URI": f"sqlite:///{clone.parent / 'nothing-trains.db'}"}
+    env = clean_env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{clone.parent / 'nothing-trains.db'}"}
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Data and pipelines are up to date" in proc.stdout + proc.stderr, proc.stdout[-3000:]
@@ -82,18 +82,17 @@ def test_a_committed_frozen_run_retrains_to_the_same_numbers(clone: Path, tmp_pa
     same_features = features_digest((clone / "dvc.lock").read_text()) == features_digest(committed_lock)
     proc = subprocess.run([sys.executable, "-m", "vit_repro.cli", "train", "--arm", "head", "--only", run, "--runs",
                            str(tmp_path / "runs")], cwd=clone,
-                          env=clean_env(clone) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                          env=clean_env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    committed = json.loads((clone / "runs" / run / "run.json").read_text())
-    again = json.loads((tmp_path / "runs" / run / "run.json").read_text())
-    committed_rows = list(csv.DictReader((clone / "runs" / run / "predictions.csv").open()))
-    again_rows = list(csv.DictReader((tmp_path / "runs" / run / "predictions.csv").open()))
+    committed_dir, again_dir = clone / "runs" / run, tmp_path / "runs" / run
+    committed, again = (json.loads((d / "run.json").read_text()) for d in (committed_dir, again_dir))
     if same_features:
         for split in ("train", "test"):
             assert again[split] == committed[split], split  # every number, to the last bit
-        assert (tmp_path / "runs" / run / "predictions.csv").read_bytes() == (clone / "runs" / run / "predictions.csv").read_bytes()
+        assert (again_dir / "predictions.csv").read_bytes() == (committed_dir / "predictions.csv").read_bytes()
         return
+    committed_rows, again_rows = (list(csv.DictReader((d / "predictions.csv").open())) for d in (committed_dir, again_dir))
     for split in ("train", "test"):
         assert {k: v for k, v in again[split].items() if k != "loss"} == \
                {k: v for k, v in committed[split].items() if k != "loss"}, split  # accuracies, confusion, counts
