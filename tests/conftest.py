@@ -116,7 +116,7 @@ def shared_datasets(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def prepared_dataset(shared_datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """``prepared_dataset("pizza_steak_sushi")`` -> a prepared folder, made once per session (treat as read-only)."""
-    from vit_repro import dataset as ds
+    from vit_repro.core import dataset as ds
 
     made: dict[str, Path] = {}
     root = tmp_path_factory.mktemp("prepared")
@@ -147,7 +147,7 @@ def prepared_root(prepared_dataset: Callable[[str], Path]) -> Path:
 @pytest.fixture(scope="session")
 def splits():
     """The study's training sets, validation folds and test set, from the committed manifests."""
-    from vit_repro.splits import make_splits
+    from vit_repro.core.splits import make_splits
 
     return make_splits({"225": "pizza_steak_sushi", "450": "pizza_steak_sushi_20_percent"},
                        ["pizza_steak_sushi", "pizza_steak_sushi_20_percent"], 0.2, 0, ROOT)

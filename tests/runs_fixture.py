@@ -6,7 +6,7 @@
     write_run(runs, cfg, predict=0)                                 # collapsed: class 0 for every image
 
 The test set is ``TEST_LABELS`` (30 images, 10 per class). Every field of the record follows from the
-arguments through the project's own code (``runner.eval_record``, ``runner.schedule_for``), so the report
+arguments through the project's own code (``core.run.eval_record``, ``core.run.schedule_for``), so the report
 reads exactly what training writes.
 """
 
@@ -18,14 +18,15 @@ import numpy as np
 import torch
 import yaml
 
-from vit_repro.config import Params, RunConfig, load_params
-from vit_repro.models import describe
-from vit_repro.record import (
+from vit_repro.core.config import Params, RunConfig, load_params
+from vit_repro.core.networks import describe
+from vit_repro.core.record import (
     HISTORY_FILE, PREDICTIONS_FILE, RECORD_FILE, STEPS_FILE, BackboneRecord, DataRecord, MlflowRecord, ProvenanceRecord, RunRecord,
     write_csv, write_json,
 )
-from vit_repro.runner import EPOCH_COLUMNS, STEP_COLUMNS, _schedule_record, eval_record, schedule_for
-from vit_repro.train import Evaluation
+from vit_repro.core.record import EPOCH_COLUMNS, STEP_COLUMNS
+from vit_repro.core.run import eval_record, schedule_for, schedule_record
+from vit_repro.core.train import Evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -64,7 +65,7 @@ def write_run(runs_dir: Path, cfg: RunConfig, predict: np.ndarray | int, commit:
     n_train = 450 if cfg.train_set == "450" else 225
     schedule = schedule_for(cfg, n_train)
     record = RunRecord(
-        variant=cfg.variant, run_name=cfg.run_name, config=cfg, schedule=_schedule_record(cfg, schedule, 1),
+        variant=cfg.variant, run_name=cfg.run_name, config=cfg, schedule=schedule_record(cfg, schedule, 1),
         model=describe(cfg.model, cfg.image_size, 3),
         data=DataRecord(classes=CLASSES, train_set=cfg.train_set, train_images=n_train,
                         train_counts={c: n_train // 3 for c in CLASSES}, train_digest=f"sha256:{cfg.train_set}",

@@ -1,4 +1,4 @@
-"""The frozen path's backbone and features (src/vit_repro/backbone.py): fetch, load, compute, select.
+"""The frozen path's backbone and features (backbone.py, core/features.py): fetch, load, compute, select.
 
 A random Ti/16 at 32 px written as a torchvision-format file stands in for the pretrained backbone, and
 a handful of real images stand in for the study (bf16 autocast on this CPU is emulated and slow).
@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
 
 from vit_repro import backbone
-from vit_repro.backbone import BackboneError
-from vit_repro.config import BackboneSpec
-from vit_repro.convert import to_torchvision_state_dict
-from vit_repro.images import load_images, pretrained_transform
-from vit_repro.model import VisionTransformer, parse_model_name
-from vit_repro.splits import Splits, Subset
+from vit_repro.core import features as frozen
+from vit_repro.core.features import BackboneError
+from vit_repro.core.config import BackboneSpec
+from vit_repro.core.images import load_images, pretrained_transform
+from vit_repro.core.splits import Splits, Subset
 
 CPU = torch.device("cpu")
 
@@ -38,11 +38,11 @@ def tiny_backbone(tmp_path_factory) -> tuple[BackboneSpec, Path]:
     """A random Ti/16 (32 px) saved in torchvision's layout, fetched as a ``file`` backbone."""
     folder = tmp_path_factory.mktemp("tiny-backbone")
     torch.manual_seed(0)
-    state = to_torchvision_state_dict(VisionTransformer(parse_model_name("Ti/16", image_size=32)).state_dict())
+    state = TorchvisionViT(32, 16, 12, 3, 192, 768, num_classes=3).state_dict()  # a random Ti/16
     weights = folder / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, weights)
     spec = BackboneSpec(label="Ti/16 random", model="Ti/16", source="file", path=str(weights), pretraining="none",
-                        resize=32, crop=32, sha256=backbone.sha256_file(weights))
+                        resize=32, crop=32, sha256=frozen.sha256_file(weights))
     backbone.fetch(spec, "tiny", folder / "pretrained")
     return spec, folder / "pretrained"
 
@@ -55,14 +55,14 @@ def computed(tiny_backbone, tiny_splits, prepared_root: Path, tmp_path_factory) 
     out = {}
     for precision in ("fp32", "bf16"):
         out[precision] = base / precision
-        backbone.compute_features(pretrained, tiny_splits, prepared_root, out[precision], CPU, base / "cache",
+        frozen.compute_features(pretrained, tiny_splits, prepared_root, out[precision], CPU, base / "cache",
                                   precision=precision)
     return out
 
 
 def test_bf16_features_are_recorded_keyed_apart_and_close_to_fp32(computed) -> None:
-    infos = {p: backbone.read_features_info(d) for p, d in computed.items()}
-    features = {p: backbone.load_features(d) for p, d in computed.items()}
+    infos = {p: frozen.read_features_info(d) for p, d in computed.items()}
+    features = {p: frozen.load_features(d) for p, d in computed.items()}
     for precision, info in infos.items():
         assert info["precision"] == precision and features[precision].info == info
     assert infos["fp32"]["key"] != infos["bf16"]["key"]  # different numbers, different identity
@@ -80,37 +80,37 @@ def test_compute_features_over_splits_writes_the_key_and_ids(
 ) -> None:
     _, pretrained = tiny_backbone
     folder = computed["fp32"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted([backbone.FEATURES_FILE, backbone.FEATURES_INFO])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([frozen.FEATURES_FILE, frozen.FEATURES_INFO])
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
-    info = backbone.read_features_info(folder)
+    info = frozen.read_features_info(folder)
     everything = tiny_splits.all_images()
     assert len(everything) == 12
     assert info["images"] == Subset("study", everything).digest and info["classes"] == ["pizza", "steak", "sushi"]
     assert info["dim"] == 192 and info["transform"] == pretrained_transform(32, 32, "bilinear").key()
-    assert info["backbone"] == backbone.read_info(pretrained)
-    with safe_open(str(folder / backbone.FEATURES_FILE), framework="pt") as f:
+    assert info["backbone"] == frozen.read_info(pretrained)
+    with safe_open(str(folder / frozen.FEATURES_FILE), framework="pt") as f:
         assert f.metadata()["key"] == info["key"]
         assert json.loads(f.metadata()["ids"]) == [i.sha256 for i in everything]  # by sha256, one row per image
 
     # row k is image k through the backbone, as extract_features computes it
-    model, _ = backbone.load_backbone(pretrained, 3)
+    model, _ = frozen.load_backbone(pretrained, 3)
     transform = pretrained_transform(32, 32, "bilinear")
     pixels = load_images(Subset("study", everything), prepared_root, transform).pixels
-    expected = backbone.extract_features(model, pixels, transform, CPU)
-    torch.testing.assert_close(backbone.load_features(folder).vectors, expected, atol=1e-6, rtol=0)
+    expected = frozen.extract_features(model, pixels, transform, CPU)
+    torch.testing.assert_close(frozen.load_features(folder).vectors, expected, atol=1e-6, rtol=0)
 
     # the key is the features' identity: the same inputs give the same key; other images another
-    again = backbone.compute_features(pretrained, tiny_splits, prepared_root, tmp_path / "again", CPU)
+    again = frozen.compute_features(pretrained, tiny_splits, prepared_root, tmp_path / "again", CPU)
     assert again == info
     fewer = Splits(tiny_splits.classes, Subset("test", tiny_splits.test.images[:3]), tiny_splits.train_sets,
                    tiny_splits.validation)
-    other = backbone.compute_features(pretrained, fewer, prepared_root, tmp_path / "fewer", CPU)
+    other = frozen.compute_features(pretrained, fewer, prepared_root, tmp_path / "fewer", CPU)
     assert other["key"] != info["key"] and other["images"] != info["images"]
-    assert backbone.load_features(tmp_path / "fewer").ids == tuple(i.sha256 for i in fewer.all_images())
+    assert frozen.load_features(tmp_path / "fewer").ids == tuple(i.sha256 for i in fewer.all_images())
 
 
 def test_features_select(computed, tiny_splits, splits) -> None:
-    features = backbone.load_features(computed["fp32"])
+    features = frozen.load_features(computed["fp32"])
     row = {sha: k for k, sha in enumerate(features.ids)}
     for name in ("test", "8", "8:val", "8:fit"):
         subset = tiny_splits.subset(name)
@@ -136,14 +136,14 @@ def test_fetch_and_load_refuse_wrong_or_damaged_weights(tiny_backbone, tmp_path:
 
     damaged = tmp_path / "damaged"
     damaged.mkdir()
-    for name in (backbone.WEIGHTS_FILE, backbone.INFO_FILE):
+    for name in (frozen.WEIGHTS_FILE, frozen.INFO_FILE):
         (damaged / name).write_bytes((pretrained / name).read_bytes())
-    with open(damaged / backbone.WEIGHTS_FILE, "r+b") as fh:
+    with open(damaged / frozen.WEIGHTS_FILE, "r+b") as fh:
         fh.seek(-4, 2)
         fh.write(b"\0\0\0\0")
     with pytest.raises(BackboneError, match=r"does not match the sha256 in backbone\.json: run `dvc repro pretrained`"):
-        backbone.load_backbone(damaged, 3)
+        frozen.load_backbone(damaged, 3)
     with pytest.raises(BackboneError, match=r"backbone\.json not found: run `dvc repro pretrained`"):
-        backbone.load_backbone(tmp_path, 3)
+        frozen.load_backbone(tmp_path, 3)
     with pytest.raises(BackboneError, match=r"no features in .*: run `dvc repro features` first"):
-        backbone.read_features_info(tmp_path)
+        frozen.read_features_info(tmp_path)

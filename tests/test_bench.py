@@ -16,8 +16,8 @@ import yaml
 
 from vit_repro import bench, plan
 from vit_repro.cli import main as cli_main
-from vit_repro.config import load_params, resolve_arm
-from vit_repro.models import build_model, forward_macs
+from vit_repro.core.config import load_params, resolve_arm
+from vit_repro.core.networks import build_model, forward_macs
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["baseline", "warmup", "decay", "clip", "warmup-decay", "warmup-clip", "decay-clip", "paper"]

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from vit_repro import paper
-from vit_repro.config import ConfigError, load_params, load_recipe, resolve_run, resolve_study
+from vit_repro.core import paper
+from vit_repro.core.config import ConfigError, load_params, load_recipe, resolve_run, resolve_study
 
 from helpers import cli_env, vit_repro_exe, write_params
 

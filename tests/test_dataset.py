@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from vit_repro import dataset as ds
-from vit_repro.dataset import DATASETS, DataError
-from vit_repro.errors import UserError
+from vit_repro.core import dataset as ds
+from vit_repro.core.dataset import DATASETS, DataError
+from vit_repro.core.errors import UserError
 
 TEN = "pizza_steak_sushi"
 TWENTY = "pizza_steak_sushi_20_percent"

@@ -20,14 +20,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from helpers import write_params
-from vit_repro import distributed
-from vit_repro.config import ConfigError, TrainConfig, load_params
-from vit_repro.images import ImageTransform, load_images
-from vit_repro.models import build_model
-from vit_repro.runner import Paths, run_arm, schedule_for
-from vit_repro.schedule import Schedule
-from vit_repro.splits import Subset
-from vit_repro.train import History, evaluate, fit
+from vit_repro.core import distributed
+from vit_repro.core.config import ConfigError, TrainConfig, load_params
+from vit_repro.core.images import ImageTransform, load_images
+from vit_repro.core.networks import build_model
+from vit_repro.core.run import schedule_for
+from vit_repro.stage import Paths, run_arm
+from vit_repro.core.schedule import Schedule
+from vit_repro.core.splits import Subset
+from vit_repro.core.train import History, Task, evaluate, fit
 
 TOL = 1e-5
 CPU = torch.device("cpu")
@@ -101,10 +102,10 @@ import json, sys
 from dataclasses import asdict
 import torch
 from safetensors.torch import save_file
-from vit_repro.config import TrainConfig
-from vit_repro.distributed import distributed, rank_and_world
-from vit_repro.images import ImageTransform
-from vit_repro.train import evaluate, fit
+from vit_repro.core.config import TrainConfig
+from vit_repro.core.distributed import distributed, rank_and_world
+from vit_repro.core.images import ImageTransform
+from vit_repro.core.train import Task, evaluate, fit
 from test_distributed import schedule, tiny_vit
 
 torch.set_num_threads(1)
@@ -115,7 +116,7 @@ to_input = ImageTransform(resize=(32, 32)).to_input
 with distributed(torch.device("cpu")) as device:
     rank, world = rank_and_world()
     model = tiny_vit()
-    history = fit(model, train, test, cfg, schedule(cfg, len(train[1])), 0, to_input, device, 3, progress=False)
+    history = fit(model, Task(train, test, to_input, 3), cfg, schedule(cfg, len(train[1])), 0, device)
     ev = evaluate(model, test, to_input, device, 3)
     json.dump({"world": world, "history": asdict(history), "predictions": ev.predictions.tolist(),
                "losses": ev.losses.tolist()}, open(f"{folder}/rank{rank}.json", "w"))
@@ -129,7 +130,7 @@ def test_two_processes_train_like_one(data, tmp_path: Path, one_thread) -> None:
     """1 process, batch 32 vs torchrun, 2 processes x 8 images x 2 accumulated micro-batches: the same 32 per step."""
     one_cfg = TrainConfig(batch_size=32, **RECIPE)
     one = tiny_vit()
-    one_history = fit(one, data[0], data[1], one_cfg, schedule(one_cfg, 65), 0, SMALL.to_input, CPU, 3, progress=False)
+    one_history = fit(one, Task(data[0], data[1], SMALL.to_input, 3), one_cfg, schedule(one_cfg, 65), 0, CPU)
     one_eval = evaluate(one, data[1], SMALL.to_input, CPU, 3)
 
     torch.save(data, tmp_path / "data.pt")
@@ -165,7 +166,7 @@ def test_gradient_accumulation_equals_one_large_batch(data, drop_last: bool, one
         cfg = TrainConfig(batch_size=batch, grad_accum_steps=accum, **(RECIPE | {"lr": 1e-3, "drop_last": drop_last}))
         sched = schedule(cfg, 65)
         models[name] = tiny_vit()
-        histories[name] = fit(models[name], train, test, cfg, sched, 0, SMALL.to_input, CPU, 3, progress=False)
+        histories[name] = fit(models[name], Task(train, test, SMALL.to_input, 3), cfg, sched, 0, CPU)
         assert len(histories[name].steps) == sched.total_steps  # optimisation steps, not micro-batches
     large, accumulated = histories["large"], histories["accumulated"]
     assert [s["images"] for s in large.steps] == ([32, 32] if drop_last else [32, 32, 1]) * 2

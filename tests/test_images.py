@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vit_repro import images
-from vit_repro.config import AugmentConfig
-from vit_repro.dataset import DataError
-from vit_repro.images import IMAGENET_MEAN, IMAGENET_STD, Augment, ImageTransform, load_image, load_images, make_loader
-from vit_repro.splits import Subset
+from vit_repro.core import images
+from vit_repro.core.config import AugmentConfig
+from vit_repro.core.dataset import DataError
+from vit_repro.core.images import IMAGENET_MEAN, IMAGENET_STD, Augment, ImageTransform, load_image, load_images, make_loader
+from vit_repro.core.splits import Subset
 
 SMALL = ImageTransform(resize=(32, 32))
 
@@ -148,7 +148,7 @@ def test_cache_hit_and_corrupt_cache_rebuilt(
     for damage in (good[: len(good) // 2], bytes(flipped), b"not a safetensors file"):
         cache.write_bytes(damage)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="vit_repro.images"):
+        with caplog.at_level(logging.WARNING, logger="vit_repro.core.images"):
             rebuilt = load_images(tiny, prepared_root, SMALL, tmp_path)
         assert f"rebuilding decoded-image cache {cache}" in caplog.text
         assert torch.equal(rebuilt.pixels, fresh.pixels)
@@ -164,7 +164,7 @@ def test_cache_of_another_version_is_rebuilt(
     import PIL
 
     monkeypatch.setattr(PIL, "__version__", "0.0.1")  # another Pillow may resize differently
-    with caplog.at_level(logging.WARNING, logger="vit_repro.images"):
+    with caplog.at_level(logging.WARNING, logger="vit_repro.core.images"):
         load_images(tiny, prepared_root, SMALL, tmp_path)
     assert "its pillow differs" in caplog.text
 

@@ -52,7 +52,7 @@ def runs_of(repo: DvcRepo, kind: str) -> list:
 
 
 def expected(repo: DvcRepo):
-    from vit_repro.config import load_params, resolve_study
+    from vit_repro.core.config import load_params, resolve_study
 
     return resolve_study(load_params(repo.path / "params.yaml"), repo.path / "experiments")
 

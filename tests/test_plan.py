@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from vit_repro import plan
-from vit_repro.config import load_params
+from vit_repro.core.config import load_params
 
 PARAMS = {
     "data": {"datasets": ["pizza_steak_sushi", "pizza_steak_sushi_20_percent"],

@@ -11,7 +11,7 @@ import pytest
 from statsmodels.stats.multitest import multipletests
 
 from runs_fixture import EXPERIMENTS, fixture_params, predictions, write_run
-from vit_repro.config import resolve_study
+from vit_repro.core.config import resolve_study
 from vit_repro.report import build_report
 from vit_repro.report.analysis import analyse
 from vit_repro.report.load import FAILED, FINISHED, MISSING, STALE, load_study

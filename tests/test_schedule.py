@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from vit_repro import paper
-from vit_repro.config import TrainConfig
-from vit_repro.schedule import Schedule, lr_at
+from vit_repro.core import paper
+from vit_repro.core.config import TrainConfig
+from vit_repro.core.schedule import Schedule, lr_at
 
 BASE = 1e-3
 

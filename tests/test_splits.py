@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from vit_repro import dataset as ds
-from vit_repro.splits import SPLITS_FILE, SplitError, Subset, make_splits, read_splits, write_splits
+from vit_repro.core import dataset as ds
+from vit_repro.core.splits import SPLITS_FILE, SplitError, Subset, make_splits, read_splits, write_splits
 
 TEN = "pizza_steak_sushi"
 TWENTY = "pizza_steak_sushi_20_percent"

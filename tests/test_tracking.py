@@ -19,6 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from vit_repro import tracking
+from vit_repro.core import digest, flatten
+from vit_repro.core.provenance import git_state
 
 EXPERIMENT = "vit-repro/test"
 
@@ -239,19 +241,19 @@ def test_git_dirty_ignores_params_and_outputs_but_not_code(tmp_path):
     (tmp_path / "params.yaml").write_text("lr: 1\n")
     git("add", "-A")
     git("commit", "-qm", "init")
-    commit, dirty = tracking.git_state(tmp_path)
+    commit, dirty = git_state(tmp_path)
     assert len(commit) == 40 and not dirty
     (tmp_path / "params.yaml").write_text("lr: 2\n")  # what `dvc exp run -S` does
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "out.json").write_text("{}")
-    assert tracking.git_state(tmp_path) == (commit, False)
+    assert git_state(tmp_path) == (commit, False)
     (tmp_path / "src" / "code.py").write_text("x = 2\n")
-    assert tracking.git_state(tmp_path) == (commit, True)
-    assert tracking.git_state(tmp_path / "not-a-repo") == ("unknown", True)
+    assert git_state(tmp_path) == (commit, True)
+    assert git_state(tmp_path / "not-a-repo") == ("unknown", True)
 
 
 def test_flatten_and_digest_are_stable():
-    assert tracking.flatten("", {"train": {"lr": 0.001, "betas": [0.9, 0.999]}, "model": "vit:Ti/16"}) == {
+    assert flatten("", {"train": {"lr": 0.001, "betas": [0.9, 0.999]}, "model": "vit:Ti/16"}) == {
         "train.lr": "0.001", "train.betas": "[0.9, 0.999]", "model": "vit:Ti/16"}
-    assert tracking.digest({"a": 1, "b": [1, 2]}) == tracking.digest({"b": [1, 2], "a": 1})
-    assert tracking.digest({"a": 1}) != tracking.digest({"a": 2}) and len(tracking.digest({})) == 12
+    assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
+    assert digest({"a": 1}) != digest({"a": 2}) and len(digest({})) == 12

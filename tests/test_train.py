@@ -24,14 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_repro import backbone
-from vit_repro.backbone import Features
-from vit_repro.config import BackboneSpec, TrainConfig
-from vit_repro.images import ImageTransform, load_images, pretrained_transform
-from vit_repro.models import build_model, linear_head
-from vit_repro.runner import schedule_for
-from vit_repro.schedule import Schedule
-from vit_repro.splits import Subset
-from vit_repro.train import Evaluation, History, evaluate, fit, fit_logistic
+from vit_repro.core import features as frozen
+from vit_repro.core.features import Features
+from vit_repro.core.config import BackboneSpec, TrainConfig
+from vit_repro.core.images import ImageTransform, load_images, pretrained_transform
+from vit_repro.core.networks import build_model, linear_head
+from vit_repro.core.run import schedule_for
+from vit_repro.core.schedule import Schedule
+from vit_repro.core.splits import Subset
+from vit_repro.core.train import Evaluation, History, Task, evaluate, fit, fit_logistic
 
 CPU = torch.device("cpu")
 TEN = "pizza_steak_sushi"
@@ -90,7 +91,7 @@ def scratch_run(data, seed: int, cfg: TrainConfig = SCRATCH_CFG) -> tuple[nn.Mod
     train, test = data
     torch.manual_seed(seed)
     model = build_model("vit:Ti/16", 32, 3, dropout=0.1)
-    history = fit(model, train, test, cfg, schedule(cfg, len(train[1])), seed, SMALL.to_input, CPU, 3, progress=False)
+    history = fit(model, Task(train, test, SMALL.to_input, 3), cfg, schedule(cfg, len(train[1])), seed, CPU)
     return model, history
 
 
@@ -144,8 +145,8 @@ def s14(shared_dir: Path, tmp_path_factory) -> Path:
                         pretraining="LVD-142M, self-supervised", resize=256, crop=224, interpolation="bicubic")
     out = tmp_path_factory.mktemp("pretrained") / "vit_s14"
     info = backbone.fetch(spec, "vit_s14_dinov2", out)
-    assert info["model"] == "S/14" and (out / backbone.WEIGHTS_FILE).is_file()
-    assert backbone.sha256_file(out / backbone.WEIGHTS_FILE) == info["sha256"]
+    assert info["model"] == "S/14" and (out / frozen.WEIGHTS_FILE).is_file()
+    assert frozen.sha256_file(out / frozen.WEIGHTS_FILE) == info["sha256"]
     return out
 
 
@@ -232,20 +233,19 @@ def test_head_on_cached_features_equals_head_through_full_model(s14: Path, old_o
     assert (sched.total_steps, sched.warmup_steps) == (4, 1)
 
     # A: through the whole model; only the head requires grad
-    model, _ = backbone.load_backbone(s14, 3)
+    model, _ = frozen.load_backbone(s14, 3)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["heads.head.weight", "heads.head.bias"]
     body_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("heads.")}
-    hist_a = fit(model, (train.pixels, train.labels), (test.pixels, test.labels), cfg, sched, seed,
-                 transform.to_input, CPU, 3, progress=False)
+    hist_a = fit(model, Task((train.pixels, train.labels), (test.pixels, test.labels), transform.to_input, 3), cfg,
+                 sched, seed, CPU)
 
     # B: a zero-initialised linear layer on features computed once
-    fresh, _ = backbone.load_backbone(s14, 3)
-    feats = backbone.extract_features(fresh, train.pixels, transform, CPU)
-    test_feats = backbone.extract_features(fresh, test.pixels, transform, CPU)
+    fresh, _ = frozen.load_backbone(s14, 3)
+    feats = frozen.extract_features(fresh, train.pixels, transform, CPU)
+    test_feats = frozen.extract_features(fresh, test.pixels, transform, CPU)
     assert feats.shape == (8, 384)
     head = linear_head(384, 3)
-    hist_b = fit(head, (feats, train.labels), (test_feats, test.labels), cfg, sched, seed, lambda x: x, CPU, 3,
-                 progress=False)
+    hist_b = fit(head, Task((feats, train.labels), (test_feats, test.labels), lambda x: x, 3), cfg, sched, seed, CPU)
 
     # the backbone did not move, and the head learned the same thing
     assert all(torch.equal(v, body_before[k]) for k, v in model.state_dict().items() if k in body_before)
@@ -283,7 +283,7 @@ def _tiny_vit(seed: int) -> nn.Module:
 
 def _one_step(model: nn.Module, batch, clip: float | None) -> History:
     cfg = TrainConfig(epochs=1, batch_size=len(batch[1]), lr=1e-3, weight_decay=0.0, clip_grad_norm=clip, device="cpu")
-    return fit(model, batch, batch, cfg, schedule(cfg, len(batch[1])), 0, SMALL.to_input, CPU, 3, progress=False)
+    return fit(model, Task(batch, batch, SMALL.to_input, 3), cfg, schedule(cfg, len(batch[1])), 0, CPU)
 
 
 def test_clipping_bounds_the_update_and_logs_the_norm_before_clipping(small_batch):
@@ -341,7 +341,7 @@ def test_drop_last_changes_the_steps_as_the_schedule_says(pixel_features, batch_
     assert sched.steps_per_epoch == len(steps_images) and sched.total_steps == 2 * len(steps_images)
     assert sched.last_batch == (batch_size if drop_last else 70 % batch_size)
     torch.manual_seed(0)
-    history = fit(linear_head(192, 3), data, data, cfg, sched, 0, lambda x: x, CPU, 3, progress=False)
+    history = fit(linear_head(192, 3), Task(data, data, lambda x: x, 3), cfg, sched, 0, CPU)
     assert [s["step"] for s in history.steps] == list(range(sched.total_steps))
     assert [s["images"] for s in history.steps] == steps_images * 2
     assert [s["lr"] for s in history.steps] == [sched.lr(k) for k in range(sched.total_steps)]

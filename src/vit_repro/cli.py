@@ -13,20 +13,20 @@ PARAMS = Path("params.yaml")
 
 
 def _params(args: argparse.Namespace):
-    from .config import load_params
+    from .core.config import load_params
 
     return load_params(args.params)
 
 
 def _root() -> Path:
     """The checkout whose files a stage reads and writes (not DVC_ROOT: a queued experiment works in a copy)."""
-    from .tracking import workspace_root
+    from .core.fsutil import workspace_root
 
     return workspace_root()
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from .dataset import prepare
+    from .core.dataset import prepare
 
     summary = prepare(args.dataset, args.out, archive=args.archive, root=_root())
     counts = summary["counts"]
@@ -35,7 +35,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_splits(args: argparse.Namespace) -> None:
-    from .splits import make_splits, write_splits
+    from .core.splits import make_splits, write_splits
 
     data = _params(args).data
     splits = make_splits(data.train_sets, data.test_from, data.validation_fraction, data.split_seed, _root())
@@ -45,10 +45,10 @@ def cmd_splits(args: argparse.Namespace) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from .models import describe
+    from .core.networks import build_model, describe, layer_summary
 
     info = describe(args.model, args.image_size, args.num_classes)
-    print(info.summary)
+    print(layer_summary(build_model(args.model, args.image_size, args.num_classes), args.image_size))
     print(f"Forward pass: {info.forward_gmacs:.3f} GMACs per image ({2 * info.forward_gmacs:.3f} GFLOPs)")
 
 
@@ -58,7 +58,7 @@ def cmd_pretrained(args: argparse.Namespace) -> None:
     params = _params(args)
     name = args.backbone or params.backbone_name
     if name not in params.backbones:
-        from .config import ConfigError
+        from .core.config import ConfigError
 
         raise ConfigError(f"unknown backbone {name!r}; params.yaml `backbones` defines {sorted(params.backbones)}")
     info = fetch(params.backbones[name], name, args.out, root=_root())
@@ -68,8 +68,8 @@ def cmd_pretrained(args: argparse.Namespace) -> None:
 
 def cmd_features(args: argparse.Namespace) -> None:
     from .backbone import compute_features
-    from .devices import check_precision, resolve_device
-    from .splits import read_splits
+    from .core.devices import check_precision, resolve_device
+    from .core.splits import read_splits
 
     params = _params(args)
     device = resolve_device(args.device or params.train.device)
@@ -79,33 +79,22 @@ def cmd_features(args: argparse.Namespace) -> None:
     print(f"features {meta['key']}: {meta['backbone']['label']}, dim {meta['dim']}, {meta['precision']} -> {args.out}")
 
 
-def _kind(params, arm: str):
-    from .config import KINDS, ConfigError
-
-    kinds = [k for k in KINDS if arm in getattr(params, k)]
-    if not kinds:
-        known = {k: sorted(getattr(params, k)) for k in KINDS}
-        raise ConfigError(f"unknown arm {arm!r}; params.yaml defines {known}")
-    return kinds[0]
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     nproc = int(os.environ.get("VIT_REPRO_NPROC", "1"))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # relaunch this very command under torchrun
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         raise SystemExit(subprocess.call([*launch, "-m", "vit_repro.cli", *sys.argv[1:]]))
-    from .config import resolve_study
+    from .core.config import resolve_study
     from .plan import estimate_lines
-    from .runner import Paths, run_arm
+    from .stage import Paths, run_arm
 
     params = _params(args)
     resolve_study(params, args.experiments)  # every run of the study is valid before any trains
-    kind = _kind(params, args.arm)
+    kind = params.kind_of(args.arm)
     root = _root()
-    paths = Paths.default(root)
-    paths = Paths(root, args.runs or paths.runs, paths.splits, paths.prepared, paths.features, paths.cache)
+    paths = Paths.default(root, args.runs)
     if args.only and paths.runs.resolve() == (root / "runs").resolve():
-        from .config import ConfigError
+        from .core.config import ConfigError
 
         raise ConfigError("--only trains part of an arm: pass --runs to another folder, so runs/ keeps the whole arm")
     main = os.environ.get("RANK", "0") == "0"
@@ -120,8 +109,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from .config import resolve_study
-    from .devices import check_precision, resolve_device
+    from .core.config import resolve_study
+    from .core.devices import check_precision, resolve_device
     from .plan import estimate_lines
 
     params = _params(args)
@@ -236,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import UserError
-    from .tracking import Interrupted
+    from .core.errors import Interrupted, UserError
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark parses its own options

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from .errors import UserError
+from .core.errors import UserError
 
 class WeightsSourceError(UserError):
     """The public source of the weights cannot be fetched or is not what we pinned; the message says the fix."""

@@ -5,7 +5,7 @@ is this machine's (device type; for a CPU its model and logical core count, for 
 one if several match. Per run of a scratch arm::
 
     seconds = images trained / train img/s + images evaluated / eval img/s
-    images trained   = schedule.total_steps x effective batch            (runner.schedule_for)
+    images trained   = schedule.total_steps x effective batch            (core.run.schedule_for)
     images evaluated = test set x test evaluations (every eval_every epochs and the last) + test + train set
 
 for the run's (model, image size, precision). A frozen run costs the measured seconds per run (the
@@ -142,7 +142,7 @@ def study_sizes(params: Any, splits_dir: Path = SPLITS_DIR) -> Sizes:
         test = len(doc["test"]["images"])
         everything = len({row[2] for s in (doc["test"], *doc["train_sets"].values()) for row in s["images"]})
         return Sizes(train, test, everything)
-    from .dataset import dataset_spec
+    from .core.dataset import dataset_spec
 
     data = params.data
     train = {name: dataset_spec(ds).total("train") for name, ds in data.train_sets.items()}
@@ -185,7 +185,7 @@ class _Stage:
 
 
 def _scratch(name: str, runs: list, sizes: Sizes, study: dict[str, Any], source: str) -> _Stage:
-    from .runner import schedule_for
+    from .core.run import schedule_for
 
     trained = evaluated = 0.0
     seconds = 0.0
@@ -243,7 +243,7 @@ def _features(params: Any, sizes: Sizes, study: dict[str, Any], source: str) -> 
 def arm_runs(params: Any, kind: str, arm: str, experiments: str | Path) -> list:
     """The runs of an arm, as ``config.resolve_arm`` gives them, but each (train set, recipe) resolved once: its
     seeds differ in nothing that costs time (resolving validates a model per run, which is not free)."""
-    from .config import resolve_run
+    from .core.config import resolve_run
 
     cfg = params.arm(kind, arm)
     return [run for train_set, recipes in cfg.recipes.items() for recipe in recipes
@@ -256,8 +256,8 @@ def estimate_lines(params: Any, experiments: str | Path, arms: list[str] | None 
 
     ``arms`` None: every arm of the study, plus the ``features`` stage when the study has frozen arms.
     """
-    from .config import KINDS
-    from .devices import DeviceError, resolve_device
+    from .core.config import KINDS
+    from .core.devices import DeviceError, resolve_device
 
     selected = [(kind, arm) for kind in KINDS for arm in getattr(params, kind) if arms is None or arm in arms]
     if not selected:

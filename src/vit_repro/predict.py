@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .errors import UserError
-from .images import ImageTransform, load_image, pretrained_transform
+from .core.errors import UserError
+from .core.images import ImageTransform, load_image, pretrained_transform
 
 
 class PredictError(UserError):
@@ -83,7 +83,7 @@ def _weights_folder(run_id: str | None, weights_dir: Path | None) -> Path:
 def load_predictor(run_id: str | None = None, weights_dir: Path | None = None,
                    pretrained_dir: Path = Path("models/pretrained")) -> Predictor:
     """A ready model from a run id (its MLflow ``weights/`` artifacts) or a folder holding the same files."""
-    from .models import build_model
+    from .core.networks import build_model
 
     folder = _weights_folder(run_id, weights_dir)
     card_path, weights_path = folder / "model.json", folder / "model.safetensors"

@@ -1,5 +1,7 @@
 """MLflow, and only here: where runs are stored, how a run starts, logs and ends, what it is tagged with.
 
+The core never imports this module: ``RunObserver`` watches a run through the core's ``Observer`` hooks.
+
 Default store: ``sqlite:///<repo>/mlflow.db`` with artifacts in ``<repo>/mlartifacts``. The repository
 is found through ``DVC_ROOT`` (set by DVC, and pointing at the real repository even when a queued
 experiment runs in a temporary copy), so ``dvc repro``, ``dvc exp run`` and ``dvc exp run --queue``
@@ -19,13 +21,11 @@ later run of the experiment starts.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import os
-import platform
 import signal
 import socket
-import subprocess
+import statistics
 import threading
 import time
 import urllib.error
@@ -35,9 +35,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from .core import digest, flatten
+from .core.config import RunConfig
+from .core.errors import Interrupted, UserError
+from .core.fsutil import workspace_root
+from .core.record import MlflowRecord, RunRecord, ScheduleRecord
+
+if TYPE_CHECKING:  # torch stays unimported for the commands that only track
+    from .core.run import Context
+    from .core.train import History
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -50,7 +58,6 @@ REQUEST_BOUND_S = 3 * 10 + 1 + 2  # the longest one request can take under HTTP_
 HEARTBEAT_STALE_S = 6 * 3600  # a RUNNING run of another machine whose heartbeat is older is taken for dead
 EPOCH_METRICS = {"train_loss": "epoch_train_loss", "train_acc": "epoch_train_acc", "test_loss": "epoch_test_loss",
                  "test_acc": "epoch_test_acc", "test_balanced_acc": "epoch_test_balanced_acc", "epoch_time_s": "epoch_seconds"}
-CODE_PATHS = ("src", "experiments", "dvc.yaml", "pyproject.toml", "data/manifests")  # what git_dirty looks at
 
 
 class TrackingError(UserError):
@@ -75,20 +82,6 @@ def _unanswered(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
-
-
-class Interrupted(BaseException):
-    """Raised from SIGTERM so the run ends as KILLED, like Ctrl-C."""
-
-
-def workspace_root(start: Path | None = None) -> Path:
-    """The checkout a command works in: the nearest folder above ``start`` (the working directory) holding
-    ``.dvc`` or ``.git``. A queued experiment runs in a temporary copy: its data and outputs are there."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
-            return folder
-    return here
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -180,45 +173,6 @@ def store_lock(uri: str, timeout_s: float = 300.0) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def git_state(root: Path) -> tuple[str, bool]:
-    """(commit, dirty): dirty means uncommitted changes to code, recipes or the pipeline (``CODE_PATHS``).
-
-    ``params.yaml`` is left out on purpose: ``dvc exp run -S`` edits it, and the run records its params
-    digest instead. Outputs written by earlier stages (``runs/``, ``dvc.lock``) are not code either.
-    """
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-
-    try:
-        return git("rev-parse", "HEAD").strip(), bool(git("status", "--porcelain", "--", *CODE_PATHS).strip())
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", True
-
-
-def versions() -> dict[str, str]:
-    import mlflow
-    import torch
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "mlflow": mlflow.__version__, "platform": platform.platform()}
-
-
-def digest(obj: Any) -> str:
-    """Short stable digest of JSON-able data (a configuration, a parameter file)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def flatten(prefix: str, value: Any) -> dict[str, str]:
-    """Nested config -> {"train.lr": "0.001", ...} for MLflow params."""
-    if isinstance(value, Mapping):
-        out: dict[str, str] = {}
-        for k, v in value.items():
-            out |= flatten(f"{prefix}.{k}" if prefix else str(k), v)
-        return out
-    return {prefix: json.dumps(value) if isinstance(value, (list, tuple)) else str(value)}
 
 
 def _process_tags() -> dict[str, str]:
@@ -421,6 +375,10 @@ class Tracker:
         except Exception:  # the backend itself failed: the original error is the one to report
             pass
 
+    def tag(self, run_id: str, tags: Mapping[str, str]) -> None:
+        with self._answering("tagging a run"):
+            self._log(run_id, tags=tags)
+
     def log_history(self, run_id: str, steps: list[dict[str, float]], epochs: list[dict[str, float]]) -> None:
         """Per-step and per-epoch metrics, in batched requests; the heartbeat moves on."""
         metrics = [(key, row[key], int(row["step"])) for row in steps for key in ("loss", "lr", "grad_norm")]
@@ -444,3 +402,80 @@ class Tracker:
         with self._answering("logging the variant's summary"):
             self._log(parent_id, metrics=[(k, v, 0) for k, v in summary.items() if v == v])
             self.client.set_terminated(parent_id, "FINISHED")
+
+
+def run_params(cfg: RunConfig) -> dict[str, str]:
+    """A run's settings as MLflow params (the seed and the backbone are tags)."""
+    return flatten("", cfg.model_dump(mode="json", exclude={"seed", "backbone"}))
+
+
+def run_tags(cfg: RunConfig, ctx: Context) -> dict[str, str]:
+    """What a seed's run is tagged with: what it is (study, arm, variant, recipe, seed) and what produced it."""
+    t, p, d = cfg.train, ctx.provenance, ctx.data
+    return {
+        "vit.study": cfg.study, "vit.kind": "seed", "vit.arm": cfg.arm, "vit.variant": cfg.variant,
+        "vit.train_set": cfg.train_set, "vit.recipe": cfg.recipe, "vit.seed": str(cfg.seed), "vit.model": cfg.model,
+        "vit.warmup": str(t.warmup), "vit.decay": t.decay, "vit.clip": str(t.clip_grad_norm),
+        "vit.config_digest": digest(cfg.model_dump(mode="json", exclude={"seed"})),
+        "vit.train_digest": d["train_digests"][cfg.train_set], "vit.test_digest": d["test_digest"],
+        "vit.backbone": cfg.backbone.label if cfg.backbone else "none (random initialisation)",
+        "mlflow.source.git.commit": p["git_commit"], "vit.git_dirty": str(p["git_dirty"]),
+        "vit.params_digest": p["params_digest"], "vit.code_digest": p["code_digest"], "vit.dvc_stage": p["dvc_stage"],
+        "vit.device": p["device_name"], "vit.precision": t.precision, "vit.torch": p["torch"],
+    }
+
+
+def final_metrics(record: RunRecord) -> dict[str, float]:
+    out = {f"final_test_{k}": float(getattr(record.test, k)) for k in ("accuracy", "balanced_accuracy", "loss")}
+    out |= {f"final_train_{k}": float(getattr(record.train, k)) for k in ("accuracy", "balanced_accuracy", "loss")}
+    out |= {"final_collapsed": float(record.test.collapsed), "wall_time_s": record.provenance.wall_time_s,
+            "train_images_per_s": record.provenance.train_images_per_s}
+    return {k: v for k, v in out.items() if v == v}
+
+
+def variant_summary(records: list[RunRecord]) -> dict[str, float]:
+    """A variant's summary over its finished seeds: mean and std of test balanced accuracy, accuracy and loss."""
+    out: dict[str, float] = {"seeds_finished": len(records)}
+    for name, values in (("test_bacc", [r.test.balanced_accuracy for r in records]),
+                         ("test_acc", [r.test.accuracy for r in records]), ("test_loss", [r.test.loss for r in records])):
+        out[f"{name}_mean"] = statistics.fmean(values)
+        out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+    return out
+
+
+def open_variant(tracker: Tracker, cfg: RunConfig, ctx: Context, about: str, seeds: int) -> str:
+    """The parent run of ``cfg``'s variant and configuration (found or created); its id."""
+    tags = {k: v for k, v in run_tags(cfg, ctx).items() if k not in ("vit.seed", "vit.kind")}
+    description = (f"{cfg.variant}: arm `{cfg.arm}` ({' '.join(about.split())}), recipe `{cfg.recipe}`, "
+                   f"{cfg.train_set} training images; {seeds} seeds nested below. "
+                   f"Configuration digest {tags['vit.config_digest']}.")
+    return tracker.parent(cfg.variant, tags["vit.config_digest"], run_params(cfg), tags, description)
+
+
+class RunObserver:  # a core.run.Observer
+    """A seed's MLflow run under its variant's parent: opened when the run starts, fed each epoch's metrics, given
+    the run folder's files and weights when it ends; FAILED or KILLED if the run raises."""
+
+    def __init__(self, tracker: Tracker, parent_id: str, ctx: Context) -> None:
+        self.tracker, self.parent_id, self.ctx = tracker, parent_id, ctx
+        self.run_id, self.logged = "", (0, 0)
+
+    @contextmanager
+    def run(self, cfg: RunConfig, schedule: ScheduleRecord, resumed: dict[str, Any] | None) -> Iterator[MlflowRecord]:
+        params = run_params(cfg) | flatten("schedule", schedule.model_dump())
+        with self.tracker.run(self.parent_id, cfg.run_name, params, run_tags(cfg, self.ctx)) as handle:
+            self.run_id = handle.run_id
+            if resumed is not None:
+                self.tracker.tag(handle.run_id, {"vit.resumed_from": resumed["mlflow_run_id"],
+                                                 "vit.resumed_at_epoch": str(resumed["epoch"])})
+            t = self.tracker
+            yield MlflowRecord(store=t.store, experiment_name=t.experiment_name, experiment_id=t.experiment_id,
+                               run_id=handle.run_id, parent_run_id=self.parent_id, weights_artifact=None, resumed_from=None)
+
+    def epoch(self, history: History) -> None:
+        steps, epochs = self.logged
+        self.tracker.log_history(self.run_id, history.steps[steps:], history.epochs[epochs:])
+        self.logged = len(history.steps), len(history.epochs)
+
+    def finish(self, record: RunRecord, folder: Path, weights: Path | None) -> None:
+        self.tracker.finish(self.run_id, final_metrics(record), folder, weights)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .options import IMPLEMENTATIONS, PRECISIONS, SECTIONS, BenchError, Options
 from .output import render, write_results
 from .run import run_benchmark
@@ -63,7 +63,7 @@ def parse_options(argv: list[str]) -> Options:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.min_run_time < 0:
         raise BenchError(f"--min-run-time must be >= 0, got {args.min_run_time}")
-    from ..model import ATTENTION_KERNELS
+    from ..core.model import ATTENTION_KERNELS
 
     if args.attention not in ATTENTION_KERNELS:
         raise BenchError(f"unknown --attention {args.attention!r}; choose from {', '.join(ATTENTION_KERNELS)}")

@@ -21,9 +21,9 @@ def data_section(opts: Options, device, log: Callable[[str], None]) -> dict[str,
     memory) against decoding the JPEGs every epoch (the seed notebook's way)."""
     import torch
 
-    from ..config import load_params
-    from ..images import ImageTransform, load_image, load_images, make_loader
-    from ..splits import read_splits
+    from ..core.config import load_params
+    from ..core.images import ImageTransform, load_image, load_images, make_loader
+    from ..core.splits import read_splits
 
     params = load_params(opts.params)
     splits = read_splits(opts.repo / "data" / "splits")

@@ -35,12 +35,12 @@ def frozen_section(opts: Options, grid: Grid, device, log: Callable[[str], None]
     import torch.nn.functional as F
 
     from ..backbone import load_backbone, transform_for
-    from ..config import load_params, resolve_arm
-    from ..devices import autocast
-    from ..images import load_images
-    from ..record import RECORD_FILE
-    from ..runner import schedule_for
-    from ..splits import Subset, read_splits
+    from ..core.config import load_params, resolve_arm
+    from ..core.devices import autocast
+    from ..core.images import load_images
+    from ..core.record import RECORD_FILE
+    from ..core.run import schedule_for
+    from ..core.splits import Subset, read_splits
 
     grid = Grid(grid.arm, grid.train_set, grid.recipes, opts.frozen_seeds or grid.seeds)
     runs = len(grid.recipes) * grid.seeds

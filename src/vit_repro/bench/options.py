@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 SECTIONS = ("ceilings", "train", "inference", "study", "frozen", "data", "dvc")
 IMPLEMENTATIONS = ("vit_repro", "torchvision", "timm")

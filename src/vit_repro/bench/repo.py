@@ -22,7 +22,7 @@ def missing_inputs(section: str, opts: Options) -> str | None:
     if section in ("frozen", "data"):
         needs = ["data/splits/splits.json"]
         with contextlib.suppress(Exception):
-            from ..config import load_params
+            from ..core.config import load_params
 
             needs += [f"data/prepared/{d}" for d in load_params(opts.params).data.datasets]
     if section == "frozen":
@@ -38,7 +38,7 @@ def missing_inputs(section: str, opts: Options) -> str | None:
             return "dvc is not installed in this Python environment"
         if _run(["git", "rev-parse", "--git-dir"], repo, dict(os.environ)).returncode != 0:
             return f"{repo} is not a git repository (its tracked files are what the frozen section copies)"
-        from ..config import load_params
+        from ..core.config import load_params
 
         params = load_params(opts.params)
         info = json.loads((repo / "data/features/features.json").read_text())

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .data import data_section, dvc_noop
 from .frozen import frozen_section
 from .options import FORMAT, BenchError, Options
@@ -29,9 +29,9 @@ def environment(device, repo: Path) -> dict[str, Any]:
     import torch
     import torchvision
 
-    from ..devices import device_name
+    from ..core.devices import device_name
     from ..plan import cpu_isa, cpu_model, logical_cores
-    from ..tracking import git_state
+    from ..core.provenance import git_state
 
     env = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -68,7 +68,7 @@ def run_benchmark(opts: Options, log: Callable[[str], None] = lambda line: print
 
 
 def _run_benchmark(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
-    from ..devices import DeviceError, resolve_device
+    from ..core.devices import DeviceError, resolve_device
     from ..plan import machine_key, machine_slug
 
     targets = load_targets(opts.targets)

@@ -21,7 +21,7 @@ def load_studies(params_path: Path) -> dict[str, Any]:
     """``Params`` as each study of params.yaml resolves it (``study.name`` set to each in turn)."""
     import yaml
 
-    from ..config import ConfigError, load_params
+    from ..core.config import ConfigError, load_params
 
     try:
         raw = yaml.safe_load(Path(params_path).read_text()) or {}
@@ -63,10 +63,10 @@ def measure_scratch(cfg, used_by: list[str], device, opts: Options) -> dict[str,
     import torch
     import torch.nn.functional as F
 
-    from ..devices import autocast
-    from ..images import Augment, ImageTransform
-    from ..models import build_model
-    from ..train import build_optimizer, evaluate
+    from ..core.devices import autocast
+    from ..core.images import Augment, ImageTransform
+    from ..core.networks import build_model
+    from ..core.train import build_optimizer, evaluate
 
     size, precision, t = cfg.image_size, cfg.train.precision, cfg.train
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def measure_features(name: str, spec, precision: str, pretrained: Path, device, 
     import torch
 
     from ..backbone import BackboneError, extract_features, load_backbone, read_info, transform_for
-    from ..model import VisionTransformer, parse_model_name
+    from ..core.model import VisionTransformer, parse_model_name
 
     weights = None
     with contextlib.suppress(BackboneError, OSError, KeyError, ValueError):
@@ -152,11 +152,11 @@ def measure_frozen_runs(params, opts: Options, device) -> dict[str, Any]:
     """One run of the first head arm (``train.fit`` for its schedule) and one of the first L-BFGS (probe) arm, on
     random features of the backbone's width: each with the final train and test evaluations a run does, on one
     thread as ``runner.run_arm`` trains frozen arms."""
-    from ..model import parse_model_name
-    from ..models import linear_head
+    from ..core.model import parse_model_name
+    from ..core.networks import linear_head
     from ..plan import arm_runs, study_sizes
-    from ..runner import schedule_for
-    from ..train import evaluate, fit, fit_logistic
+    from ..core.run import schedule_for
+    from ..core.train import evaluate, fit, fit_logistic
 
     sizes = study_sizes(params, opts.repo / "data" / "splits")
     dim = parse_model_name(params.backbone.model).hidden_dim
@@ -200,7 +200,7 @@ def study_section(opts: Options, device, log: Callable[[str], None]) -> dict[str
     """What ``vit_repro.plan`` needs to estimate any study of params.yaml on this machine."""
     import torch
 
-    from ..config import load_params
+    from ..core.config import load_params
 
     started = time.perf_counter()
     studies = load_studies(opts.params)

@@ -13,7 +13,7 @@ from .timing import Job, interleaved, tf32_off, throughput_row
 
 def build_implementation(kind: str, model: str, image_size: int, attention: str = "auto"):
     """The same ViT from three libraries; ``None`` when ``kind``'s library is not installed."""
-    from ..model import VisionTransformer, parse_model_name
+    from ..core.model import VisionTransformer, parse_model_name
 
     cfg = parse_model_name(model, image_size=image_size, num_classes=NUM_CLASSES)
     if kind == "vit_repro":
@@ -36,7 +36,7 @@ def build_implementation(kind: str, model: str, image_size: int, attention: str 
 
 def forward_gmacs(model: str, image_size: int, num_classes: int = NUM_CLASSES) -> float:
     """GMACs of one image's forward pass of a ``models.build_model`` name, counted on the meta device."""
-    from ..models import build_model, forward_macs
+    from ..core.networks import build_model, forward_macs
 
     return forward_macs(build_model(model, image_size, num_classes, device="meta"), image_size) / 1e9
 
@@ -44,7 +44,7 @@ def forward_gmacs(model: str, image_size: int, num_classes: int = NUM_CLASSES) -
 def native_bf16(device) -> bool:
     """Whether ``device`` computes in bfloat16 natively: a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX
     (elsewhere CPUs emulate it: a 1024 matmul ran at 0.4 GFLOP/s on an AVX2 core, against 16 in float32)."""
-    from ..devices import bf16_supported
+    from ..core.devices import bf16_supported
     from ..plan import cpu_isa
 
     if device.type == "cpu":
@@ -55,7 +55,7 @@ def native_bf16(device) -> bool:
 def precisions_for(opts: Options, device) -> tuple[str, ...]:
     """The precisions of the ceilings/train/inference sections: as asked (bf16 only where it can run at all), or
     by default fp32 and, where the device computes in bf16 natively, bf16."""
-    from ..devices import bf16_supported
+    from ..core.devices import bf16_supported
 
     if opts.precisions is None:
         return ("fp32", "bf16") if native_bf16(device) else ("fp32",)
@@ -79,7 +79,7 @@ def model_jobs(opts: Options, device, train: bool, inference: bool) -> list[Job]
     import torch
     import torch.nn.functional as F
 
-    from ..devices import autocast
+    from ..core.devices import autocast
 
     macs = forward_gmacs(f"vit:{opts.model}", opts.image_size) * 1e9
     x = torch.randn(opts.batch_size, 3, opts.image_size, opts.image_size, device=device)

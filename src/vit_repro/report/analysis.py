@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import stats
+from ..core.config import variant_id
 from .load import Study
 
 KEEP_LAST = "-keep-last"
@@ -49,14 +50,10 @@ class Family:
 
 
 def main_recipe(study: Study, arm: str) -> str:
-    cfg = study.params.arm(*_kind_of(study, arm))
+    cfg = study.params.arm(study.params.kind_of(arm), arm)
     shared = set.intersection(*(set(r) for r in cfg.recipes.values()))
     first = next(iter(cfg.recipes.values()))[0]
     return next((r for r in next(iter(cfg.recipes.values())) if r in shared), first)
-
-
-def _kind_of(study: Study, arm: str) -> tuple[str, str]:
-    return ("scratch", arm) if arm in study.params.scratch else ("frozen", arm)
 
 
 def arms(study: Study) -> list[str]:
@@ -64,15 +61,11 @@ def arms(study: Study) -> list[str]:
 
 
 def train_sets(study: Study, arm: str) -> list[str]:
-    return list(study.params.arm(*_kind_of(study, arm)).recipes)
+    return list(study.params.arm(study.params.kind_of(arm), arm).recipes)
 
 
 def bacc(study: Study, variant: str) -> dict[int, float]:
     return {r.config.seed: r.record.test.balanced_accuracy for r in study.seeds(variant)}
-
-
-def _v(arm: str, train_set: str, recipe: str) -> str:
-    return f"{arm}/{train_set}/{recipe}"
 
 
 def reference_recipe(recipe: str) -> str | None:
@@ -105,17 +98,17 @@ class _Builder:
         for arm in arms(s):
             main = main_recipe(s, arm)
             for ts in train_sets(s, arm):
-                v = _v(arm, ts, main)
+                v = variant_id(arm, ts, main)
                 if len(bacc(s, v)) > 1:
                     q = f"does {arm} beat chance on {ts} images ({main})?"
                     self.add(stats.one_sample(f"chance:{v}", q, list(bacc(s, v).values()), 1 / CHANCE_CLASSES, alpha_mde),
                              [v], [1.0], False)
-            for ts, recipes in s.params.arm(*_kind_of(s, arm)).recipes.items():
+            for ts, recipes in s.params.arm(s.params.kind_of(arm), arm).recipes.items():
                 for recipe in recipes:
                     ref = reference_recipe(recipe)
                     if ref is None or ref not in recipes:
                         continue
-                    a, b = _v(arm, ts, recipe), _v(arm, ts, ref)
+                    a, b = variant_id(arm, ts, recipe), variant_id(arm, ts, ref)
                     x, y = self.paired_seeds(a, b)
                     if len(x) > 1:
                         q = f"{arm}, {ts} images: `{recipe}` against `{ref}`"
@@ -123,7 +116,7 @@ class _Builder:
                 clip, keep = "clip", "clip" + KEEP_LAST
                 base, base_keep = "baseline", "baseline" + KEEP_LAST
                 if {clip, keep, base, base_keep} <= set(recipes):
-                    seeds = [bacc(s, _v(arm, ts, r)) for r in (clip, base, keep, base_keep)]
+                    seeds = [bacc(s, variant_id(arm, ts, r)) for r in (clip, base, keep, base_keep)]
                     common = sorted(set.intersection(*(set(d) for d in seeds)))
                     drop_effect = [seeds[0][k] - seeds[1][k] for k in common]
                     keep_effect = [seeds[2][k] - seeds[3][k] for k in common]
@@ -131,18 +124,18 @@ class _Builder:
                          "(a difference of paired differences)")
                     test = stats.paired(f"droplast:{arm}/{ts}", q, keep_effect, drop_effect, self.margin, alpha_mde)
                     self.add(replace(test, words=("larger", "smaller")),
-                             [_v(arm, ts, r) for r in (keep, base_keep, clip, base)], [1, -1, -1, 1], True)
+                             [variant_id(arm, ts, r) for r in (keep, base_keep, clip, base)], [1, -1, -1, 1], True)
             sets = train_sets(s, arm)
             if len(sets) > 1:
-                lo, hi = _v(arm, sets[0], main), _v(arm, sets[-1], main)
+                lo, hi = variant_id(arm, sets[0], main), variant_id(arm, sets[-1], main)
                 x, y = list(bacc(s, hi).values()), list(bacc(s, lo).values())
                 if len(x) > 1 and len(y) > 1:
                     q = f"{arm}: {sets[-1]} against {sets[0]} training images ({main})"
                     self.add(stats.welch(f"data:{arm}", q, x, y, self.margin, alpha_mde), [hi, lo], [1, -1], False)
         for a_arm, b_arm in s.params.report.versus:
             shared = [t for t in train_sets(s, a_arm) if t in train_sets(s, b_arm)]
-            va = {t: _v(a_arm, t, main_recipe(s, a_arm)) for t in shared}
-            vb = {t: _v(b_arm, t, main_recipe(s, b_arm)) for t in shared}
+            va = {t: variant_id(a_arm, t, main_recipe(s, a_arm)) for t in shared}
+            vb = {t: variant_id(b_arm, t, main_recipe(s, b_arm)) for t in shared}
             for t in shared:
                 x, y = list(bacc(s, va[t]).values()), list(bacc(s, vb[t]).values())
                 q = f"{a_arm} against {b_arm} on {t} images"
@@ -159,16 +152,16 @@ class _Builder:
         probe = s.params.report.converged
         if probe in s.params.frozen:
             for arm in arms(s):
-                if arm == probe or _kind_of(s, arm)[0] != "frozen":
+                if arm == probe or s.params.kind_of(arm) != "frozen":
                     continue
                 for t in train_sets(s, arm):
-                    ref = s.first(_v(probe, t, main_recipe(s, probe)))
-                    x = list(bacc(s, _v(arm, t, main_recipe(s, arm))).values())
+                    ref = s.first(variant_id(probe, t, main_recipe(s, probe)))
+                    x = list(bacc(s, variant_id(arm, t, main_recipe(s, arm))).values())
                     if ref is None or len(x) < 2:
                         continue
                     q = f"{arm} ({main_recipe(s, arm)}) against the converged {probe} on {t} images"
                     self.add(stats.one_sample(f"converged:{arm}/{t}", q, x, ref.record.test.balanced_accuracy, alpha_mde,
-                                              kind="reference"), [_v(arm, t, main_recipe(s, arm))], [1.0], False)
+                                              kind="reference"), [variant_id(arm, t, main_recipe(s, arm))], [1.0], False)
         return self.finish()
 
     def finish(self) -> Family:

@@ -16,7 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .. import paper  # noqa: E402
+from ..core import paper  # noqa: E402
+from ..core.config import variant_id  # noqa: E402
 from .analysis import CHANCE_CLASSES, arms, main_recipe, summary_of, train_sets  # noqa: E402
 from .load import Study  # noqa: E402
 
@@ -89,7 +90,7 @@ def data_size(study: Study, path: Path) -> Path:
         sets = train_sets(study, arm)
         xs, means, lows, highs = [], [], [], []
         for t in sets:
-            s = summary_of(study, f"{arm}/{t}/{main_recipe(study, arm)}")
+            s = summary_of(study, variant_id(arm, t, main_recipe(study, arm)))
             if s.n:
                 xs.append(int(t) if t.isdigit() else len(xs))
                 means.append(100 * s.mean)
@@ -173,7 +174,7 @@ def grad_norm(study: Study, path: Path) -> Path:
 
 def confusion(study: Study, path: Path) -> Path:
     """Test confusion matrices summed over every seed, for each arm's main recipe on each train set."""
-    panels = [f"{a}/{t}/{main_recipe(study, a)}" for a in arms(study) for t in train_sets(study, a)]
+    panels = [variant_id(a, t, main_recipe(study, a)) for a in arms(study) for t in train_sets(study, a)]
     panels = [v for v in panels if study.seeds(v)]
     fig, axes = _grid(max(1, len(panels)), 4, (3.2, 3.0))
     for ax, v in zip(axes, panels):

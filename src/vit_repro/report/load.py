@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import Params, RunConfig, resolve_study
-from ..record import HISTORY_FILE, PREDICTIONS_FILE, STEPS_FILE, RecordError, RunRecord, read_record
-from ..tracking import flatten
+from ..core.config import Params, RunConfig, resolve_study
+from ..core.record import HISTORY_FILE, PREDICTIONS_FILE, STEPS_FILE, RecordError, RunRecord, read_record
+from ..core import flatten
 
 FINISHED, MISSING, FAILED, STALE = "finished", "missing", "failed", "stale"
 

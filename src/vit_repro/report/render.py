@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import paper
-from ..config import Params
-from ..fsutil import staged_dir
+from ..core import paper
+from ..core.config import Params, split_vit_name, variant_id, vit_name
+
+from ..core.fsutil import staged_dir
+from ..core.record import LAYERS_FILE
 from ..tables import fmt_p, markdown_table, pct
 from . import settings
 from .analysis import Family, analyse, arms, collapsed, main_recipe, summary_of, train_sets
@@ -36,8 +38,7 @@ def _signed_interval(low: float, high: float) -> str:
 
 
 def _about(study: Study, arm: str) -> str:
-    kind = "scratch" if arm in study.params.scratch else "frozen"
-    return " ".join(study.params.arm(kind, arm).about.split())
+    return " ".join(study.params.arm(study.params.kind_of(arm), arm).about.split())
 
 
 def header(study: Study) -> list[str]:
@@ -93,7 +94,7 @@ def answers(study: Study, family: Family) -> list[str]:
     rows = []
     for arm in arms(study):
         for t in train_sets(study, arm):
-            v = f"{arm}/{t}/{main_recipe(study, arm)}"
+            v = variant_id(arm, t, main_recipe(study, arm))
             s = summary_of(study, v)
             k, n, classes = collapsed(study, v)
             test = family.get(f"chance:{v}")
@@ -127,7 +128,7 @@ def arms_and_settings(study: Study) -> list[str]:
            "other row says why it differs.", ""]
     for arm in arms(study):
         records = [study.first(v).record for v in study.variants(arm) if study.first(v) is not None]
-        kind = "scratch" if arm in study.params.scratch else "frozen"
+        kind = study.params.kind_of(arm)
         out += [f"### `{arm}` ({'from scratch' if kind == 'scratch' else 'frozen backbone'})", "", _about(study, arm) + ".", ""]
         if not records:
             out += ["No finished run.", ""]
@@ -192,25 +193,26 @@ def figures(figs: dict[str, Path], out_dir: Path) -> list[str]:
 
 
 def models(study: Study) -> list[str]:
-    rows, details = [], []
+    rows = []
     seen = set()
     for r in (study.first(v) for v in study.variants()):
         if r is None or r.record.model.name in seen:
             continue
         m = r.record.model
         seen.add(m.name)
-        t1 = paper.TABLE1.get(m.name[4:].split("/")[0]) if m.name.startswith("vit:") else None
+        vit = vit_name(m.name)
+        t1 = paper.TABLE1[split_vit_name(vit)[0]] if vit else None
+        layers = f"{study.runs_name}/{r.config.arm}/{LAYERS_FILE}"
         rows.append({"Model": m.name, "Image size": m.image_size, "Parameters (3 classes)": f"{m.params_total:,}",
                      "Trainable": f"{m.params_trainable:,}", "Forward GMACs per image": f"{m.forward_gmacs:.3f}",
                      "Table 1": (f"{t1.name}: {t1.layers} layers, D {t1.hidden}, MLP {t1.mlp}, {t1.heads} heads, "
                                  f"{t1.params_millions:g}M with a {paper.TABLE1_NUM_CLASSES}-class head ({t1.source})")
-                     if t1 else "not in Table 1"})
-        details += ["<details>", f"<summary>Layers of {m.name} at {m.image_size} px (recorded at training time)</summary>", "",
-                    "```text", m.summary.rstrip(), "```", "", "</details>", ""]
+                     if t1 else "not in Table 1", "Layers": f"[{layers}](../{layers})"})
     return ["## 6. Models", "",
             f"Reference: torchvision's vit_b_16 has {paper.VIT_B16_PARAMS_1000_CLASSES:,} parameters with 1000 classes and "
             f"{paper.VIT_B16_PARAMS_3_CLASSES:,} with 3; multiply-accumulates are counted by torch's FLOP counter "
-            "(ViT-B/16 at 224 px: 17.56 G).", "", markdown_table(rows), "", *details]
+            "(ViT-B/16 at 224 px: 17.56 G). Each arm's layer table (torchinfo: shapes and parameters per layer) is "
+            "written once beside its runs.", "", markdown_table(rows), ""]
 
 
 def provenance(study: Study) -> list[str]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import paper
-from ..record import RunRecord
+from ..core import paper
+from ..core.record import RunRecord
 from ..tables import fmt_num
 
 Rec = RunRecord

@@ -10,3 +10,7 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class Interrupted(BaseException):
+    """Raised from SIGTERM so that a run ends as KILLED, like Ctrl-C."""

@@ -1,7 +1,8 @@
 """The models an arm trains, by name: ``vit:<Table 1 name>/<patch>`` (ours), ``resnet18`` (torchvision), a head.
 
-``build_model`` makes one from its name; ``describe`` says what it is (sizes, parameter counts, forward cost,
-a layer summary) for the run's record, so that nothing downstream has to rebuild a model to report it.
+``build_model`` makes one from its name; ``describe`` says what it is (sizes, parameter counts, forward cost)
+for the run's record, so that nothing downstream has to rebuild a model to report it; ``layer_summary`` is its
+layer table, written once per arm (``runs/<arm>/layers.txt``), not per run.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from .config import RESNET18, model_problem, vit_name
 from .model import VisionTransformer, count_parameters, parse_model_name
-from .config import RESNET18, model_problem
 from .record import ModelRecord
-
-VIT_PREFIX = "vit:"
 
 
 def build_model(name: str, image_size: int, num_classes: int, dropout: float = 0.0,
@@ -30,9 +29,8 @@ def build_model(name: str, image_size: int, num_classes: int, dropout: float = 0
             from torchvision.models import resnet18
 
             return resnet18(weights=None, num_classes=num_classes)
-        vit = parse_model_name(name.removeprefix(VIT_PREFIX), image_size=image_size, num_classes=num_classes,
-                               dropout=dropout)
-        return VisionTransformer(vit)
+        return VisionTransformer(parse_model_name(vit_name(name), image_size=image_size, num_classes=num_classes,
+                                                  dropout=dropout))
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Linear:
@@ -63,25 +61,23 @@ def layer_summary(model: nn.Module, image_size: int, depth: int = 3) -> str:
     """torchinfo's per-layer table of shapes and parameters, without its mult-add lines (they miss attention)."""
     import torchinfo
 
-    stats = torchinfo.summary(model.eval(), input_size=(1, 3, image_size, image_size), depth=depth, verbose=0,
-                              col_names=("input_size", "output_size", "num_params"), device="cpu")
+    with torch.random.fork_rng(devices=[]):  # torchinfo draws its input from the global random stream
+        stats = torchinfo.summary(model.eval(), input_size=(1, 3, image_size, image_size), depth=depth, verbose=0,
+                                  col_names=("input_size", "output_size", "num_params"), device="cpu")
     return "\n".join(line for line in str(stats).splitlines() if "mult-adds" not in line.lower())
 
 
 @functools.lru_cache(maxsize=None)
 def describe(name: str, image_size: int, num_classes: int, trainable: int | None = None) -> ModelRecord:
-    """What the named architecture is (built afresh on the CPU: the trained weights play no part).
-
-    ``trainable``: parameters that train, when not all do (a frozen backbone's head).
-    """
-    model = build_model(name, image_size, num_classes)
+    """What the named architecture is (built afresh on the CPU, under its own random state: the trained weights
+    and the caller's random stream play no part). ``trainable``: parameters that train, when not all do."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(name, image_size, num_classes)
     total = count_parameters(model)
     sizes: dict[str, int] = {}
     if isinstance(model, VisionTransformer):
         c = model.cfg
         sizes = dict(layers=c.num_layers, hidden=c.hidden_dim, mlp=c.mlp_dim, heads=c.num_heads, patch=c.patch_size)
-    summary = layer_summary(model, image_size)
-    macs = forward_macs(model, image_size)
     return ModelRecord(name=name, image_size=image_size, params_total=total,
-                     params_trainable=total if trainable is None else trainable, forward_gmacs=macs / 1e9,
-                     summary=summary, **sizes)
+                       params_trainable=total if trainable is None else trainable,
+                       forward_gmacs=forward_macs(model, image_size) / 1e9, **sizes)

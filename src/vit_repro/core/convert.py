@@ -1,4 +1,4 @@
-"""Our ViT's state dict <-> torchvision's ``VisionTransformer`` names, and strict loading of torchvision weights."""
+"""torchvision's ``VisionTransformer`` state dicts in our ViT's names, and strict loading of torchvision weights."""
 
 from __future__ import annotations
 
@@ -43,26 +43,23 @@ def _is_head_key(key: str) -> bool:
     return key.startswith("heads.")
 
 
-def _tv_key_to_ours(key: str) -> str | None:
-    if key in _TOP_TV_TO_OURS:
-        return _TOP_TV_TO_OURS[key]
+def _rename(key: str, top: Mapping[str, str], layer: Mapping[str, str], pattern: re.Pattern, to: str) -> str | None:
+    """``key`` in the other naming: a top-level name, a head name (the same on both sides) or a layer's name."""
+    if key in top:
+        return top[key]
     if key in _HEAD_KEYS:
-        return key  # same names on both sides
-    m = _TV_LAYER.match(key)
-    if m and m[2] in _LAYER_TV_TO_OURS:
-        return f"blocks.{m[1]}.{_LAYER_TV_TO_OURS[m[2]]}"
-    return None
+        return key
+    m = pattern.match(key)
+    return to.format(m[1], layer[m[2]]) if m and m[2] in layer else None
+
+
+def _tv_key_to_ours(key: str) -> str | None:
+    return _rename(key, _TOP_TV_TO_OURS, _LAYER_TV_TO_OURS, _TV_LAYER, "blocks.{}.{}")
 
 
 def _our_key_to_tv(key: str) -> str | None:
-    if key in _TOP_OURS_TO_TV:
-        return _TOP_OURS_TO_TV[key]
-    if key in _HEAD_KEYS:
-        return key
-    m = _OUR_LAYER.match(key)
-    if m and m[2] in _LAYER_OURS_TO_TV:
-        return f"encoder.layers.encoder_layer_{m[1]}.{_LAYER_OURS_TO_TV[m[2]]}"
-    return None
+    """The torchvision name of one of our keys, for error messages in the checkpoint's own terms."""
+    return _rename(key, _TOP_OURS_TO_TV, _LAYER_OURS_TO_TV, _OUR_LAYER, "encoder.layers.encoder_layer_{}.{}")
 
 
 def _expected_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
@@ -117,21 +114,6 @@ def from_torchvision_state_dict(sd: Mapping[str, Tensor], cfg: ViTConfig | None 
             problems.append("missing backbone keys:\n" + _bullets(missing))
         if problems:
             raise ValueError("torchvision state dict does not match the config:\n" + "\n".join(problems))
-    return out
-
-
-def to_torchvision_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename this module's state dict to torchvision ``VisionTransformer`` names (inverse of above)."""
-    out: dict[str, Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        new = _our_key_to_tv(key)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    if unknown:
-        raise ValueError("not keys of vit_repro's VisionTransformer:\n" + _bullets(sorted(unknown)))
     return out
 
 

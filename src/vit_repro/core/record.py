@@ -9,19 +9,24 @@ everything, down to the image, without MLflow.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .config import RunConfig
 from .errors import UserError
-from .fsutil import read_json
+from .fsutil import read_json, write_json
+
+if TYPE_CHECKING:
+    from .train import Evaluation, History
 
 FORMAT = "vit-repro-run/2"
 RECORD_FILE, HISTORY_FILE, STEPS_FILE, PREDICTIONS_FILE = "run.json", "history.csv", "steps.csv", "predictions.csv"
 RUN_FILES = (RECORD_FILE, HISTORY_FILE, STEPS_FILE, PREDICTIONS_FILE)
+STEP_COLUMNS = ["step", "epoch", "lr", "loss", "grad_norm", "images"]
+EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_balanced_acc", "lr", "epoch_time_s"]
+LAYERS_FILE = "layers.txt"  # runs/<arm>/layers.txt: the arm's model layer by layer, once per arm (not per run)
 IMAGE_ID_CHARS = 16  # of an image's sha256 in predictions.csv (unique among the study's images: checked)
 
 
@@ -78,7 +83,6 @@ class ModelRecord(_Record):
     mlp: int | None = None
     heads: int | None = None
     patch: int | None = None
-    summary: str = ""
 
 
 class DataRecord(_Record):
@@ -154,7 +158,7 @@ class RunRecord(_Record):
     train: EvalRecord  # final weights, eval mode, every training image
     test: EvalRecord
     provenance: ProvenanceRecord
-    mlflow: MlflowRecord
+    mlflow: MlflowRecord | None  # where the shell tracked it; None for a run that nothing tracked
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -164,8 +168,14 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Non
         writer.writerows(rows)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_run(folder: Path, record: RunRecord, history: History, test: Evaluation, test_ids: tuple[str, ...]) -> None:
+    """The run folder's files: the record, the epoch and step histories, every test image's prediction."""
+    write_json(folder / RECORD_FILE, record.model_dump(mode="json"))
+    write_csv(folder / HISTORY_FILE, history.epochs, EPOCH_COLUMNS)
+    write_csv(folder / STEPS_FILE, history.steps, STEP_COLUMNS)
+    rows = [{"image": i[:IMAGE_ID_CHARS], "label": int(y), "prediction": int(p), "loss": f"{loss:.6g}"}
+            for i, y, p, loss in zip(test_ids, test.labels.tolist(), test.predictions.tolist(), test.losses.tolist())]
+    write_csv(folder / PREDICTIONS_FILE, rows, ["image", "label", "prediction", "loss"])
 
 
 def read_record(run_dir: Path) -> RunRecord:

@@ -37,7 +37,6 @@ TABLE1: dict[str, Variant] = {
     "L": Variant("ViT-Large", 24, 1024, 4096, 16, 307, "Table 1"),
     "H": Variant("ViT-Huge", 32, 1280, 5120, 16, 632, "Table 1"),
 }
-PATCH_SIZES = (32, 16, 14)
 TABLE1_NUM_CLASSES = 1000  # Table 1 counts an ImageNet head
 VIT_B16_PARAMS_1000_CLASSES = 86_567_656  # torchvision vit_b_16
 VIT_B16_PARAMS_3_CLASSES = 85_800_963  # what a faithful ViT-B/16 with 3 classes must give
@@ -74,7 +73,6 @@ CLIP_GRAD_NORM = 1.0  # Table 3 caption: "gradient clipping at global norm 1" (I
 RESOLUTION = 224  # Table 3 caption
 BETAS = (0.9, 0.999)  # Sec. 4.1
 OPTIMIZER = "Adam"
-WEIGHT_DECAY_HIGH = 0.1  # Sec. 4.1: "high weight decay of 0.1"
 PRETRAIN_HEAD = "MLP with one hidden layer (tanh) at pre-training; one linear layer at fine-tuning"
 AUGMENTATION = "inception crop and horizontal flip (official code; the paper text does not list any)"
 DATASET_IMAGES = {"ImageNet": 1_281_167, "ImageNet-21k": 14_000_000, "JFT-300M": 303_000_000}
@@ -130,17 +128,6 @@ FINETUNE = FineTuning(
 )
 
 
-# --- torchvision ViT_B_16_Weights.IMAGENET1K_V1 (the seed notebook's frozen backbone) --------------
-
-TORCHVISION_VIT_B16 = {
-    "recipe": ("ImageNet-1k from scratch, modified DeiT recipe: 300 epochs, batch 4096, AdamW lr 0.003, "
-               "weight decay 0.3, 30 warmup epochs, cosine, label smoothing 0.11, mixup 0.2, cutmix 1.0, "
-               "RandAugment, clip-grad-norm 1, EMA, AMP"),
-    "acc1": 81.072,
-    "gmacs_224": 17.56,
-}
-
-
 # --- the seed notebook ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -155,7 +142,6 @@ class SeedResult:
     note: str
 
 
-SEED_SETTINGS = "224x224, batch 32, CrossEntropyLoss, 10 epochs, no warmup, no decay, no clipping, no augmentation"
 SEED_RESULTS = {
     "scratch": SeedResult("ViT-B/16 from scratch", "Adam lr 1e-3, wd 0.1", 0.2604, 25, 75,
                           "predicts one class for every image"),

@@ -63,3 +63,17 @@ def read_json(path: Path, fix: str, error: type[UserError] = UserError) -> Any:
         raise error(f"{path}: missing; {fix}") from None
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise error(f"{path}: unreadable ({type(exc).__name__}: {' '.join(str(exc).split())}); {fix}") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def workspace_root(start: Path | None = None) -> Path:
+    """The checkout a command works in: the nearest folder above ``start`` (the working directory) holding
+    ``.dvc`` or ``.git``. A queued experiment runs in a temporary copy: its data and outputs are there."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
+            return folder
+    return here

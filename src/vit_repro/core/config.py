@@ -109,22 +109,45 @@ class ArmConfig(_Strict):
     train: dict[str, Any] = {}  # overrides of `train`
 
 
-MODEL_NAME = re.compile(r"vit:(?P<variant>[A-Za-z]+)/(?P<patch>\d+)")
-RESNET18 = "resnet18"
+VIT_PREFIX, RESNET18 = "vit:", "resnet18"  # model names: "vit:<Table 1 variant>/<patch>" (ours) or torchvision's
+_VIT_NAME = re.compile(r"^\s*(?:vit-)?(?P<variant>[a-z]+)/(?P<patch>\d+)\s*$", re.IGNORECASE)
+
+
+def vit_name(model: str) -> str | None:
+    """The ViT part of a model name (``"Ti/16"`` of ``"vit:Ti/16"``), or None for another model."""
+    return model.removeprefix(VIT_PREFIX) if model.startswith(VIT_PREFIX) else None
+
+
+def split_vit_name(name: str, image_size: int | None = None) -> tuple[str, int]:
+    """(Table 1 variant, patch) of ``"Ti/16"`` or ``"ViT-B/16"``; ValueError naming what is wrong, including a
+    patch that does not divide ``image_size``."""
+    valid = ", ".join(f"{v}/<patch>" for v in paper.TABLE1)
+    match = _VIT_NAME.match(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"malformed model name {name!r}: expected '<variant>/<patch size>' such as 'B/16' "
+                         f"(optionally prefixed 'ViT-'); valid variants: {valid}")
+    variant = {k.lower(): k for k in paper.TABLE1}.get(match["variant"].lower())
+    if variant is None:
+        raise ValueError(f"unknown ViT variant {match['variant']!r} in {name!r}; valid variants: {valid}")
+    patch = int(match["patch"])
+    if patch <= 0:
+        raise ValueError(f"patch size must be positive in {name!r}")
+    if image_size is not None and image_size % patch:
+        raise ValueError(f"image size {image_size} is not divisible by patch size {patch} (model {name!r})")
+    return variant, patch
 
 
 def model_problem(name: str, image_size: int | None = None) -> str:
     """Why ``name`` is not ``vit:<Table 1 variant>/<patch>`` or ``resnet18`` (at ``image_size``), or '' if it is."""
     if name == RESNET18:
         return ""
-    match = MODEL_NAME.fullmatch(name)
-    if match is None:
-        return f"unknown model {name!r}: use vit:<variant>/<patch> (e.g. vit:Ti/16) or {RESNET18}"
-    if match["variant"] not in paper.TABLE1:
-        return f"unknown ViT variant {match['variant']!r} in {name!r}: use one of {list(paper.TABLE1)}"
-    patch = int(match["patch"])
-    if patch < 1 or (image_size is not None and image_size % patch):
-        return f"image size {image_size} is not divisible by patch size {patch} (model {name!r})"
+    vit = vit_name(name)
+    if vit is None:
+        return f"unknown model {name!r}: use {VIT_PREFIX}<variant>/<patch> (e.g. {VIT_PREFIX}Ti/16) or {RESNET18}"
+    try:
+        split_vit_name(vit, image_size)
+    except ValueError as exc:
+        return str(exc)
     return ""
 
 
@@ -261,6 +284,13 @@ class Params(_Strict):
     def backbone(self) -> BackboneSpec:
         return self.backbones[self.backbone_name]
 
+    def kind_of(self, arm: str) -> Kind:
+        """Whether ``arm`` trains from scratch or on the frozen backbone."""
+        for kind in KINDS:
+            if arm in getattr(self, kind):
+                return kind
+        raise ConfigError(f"unknown arm {arm!r}; params.yaml defines {({k: sorted(getattr(self, k)) for k in KINDS})}")
+
     def arm(self, kind: Kind, name: str) -> ScratchArm | FrozenArm:
         arms = getattr(self, kind)
         if name not in arms:
@@ -292,7 +322,7 @@ class RunConfig(_Strict):
 
     @property
     def run_name(self) -> str:
-        return run_id(self.variant, self.seed)
+        return run_name(self.variant, self.seed)
 
     @property
     def out_dir(self) -> Path:
@@ -301,10 +331,12 @@ class RunConfig(_Strict):
 
 
 def variant_id(arm: str, train_set: str, recipe: str) -> str:
+    """``<arm>/<train set>/<recipe>``: a variant, the runs of one configuration over seeds."""
     return f"{arm}/{train_set}/{recipe}"
 
 
-def run_id(variant: str, seed: int) -> str:
+def run_name(variant: str, seed: int) -> str:
+    """``<variant>/seed<k>``: a run's name (its MLflow run name and its folder below ``runs/``)."""
     return f"{variant}/seed{seed}"
 
 
@@ -321,7 +353,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"invalid settings in {source}: " + "; ".join(lines)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} not found; run from the repository root or pass --params/--experiments")
     try:
@@ -362,7 +394,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``, applying the selected study's overrides."""
     path = Path(path)
     try:
-        return Params.model_validate(_apply_study(_read_yaml(path)))
+        return Params.model_validate(_apply_study(read_yaml(path)))
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, str(path))) from None
 
@@ -373,7 +405,7 @@ def load_recipe(name: str, experiments_dir: str | Path = "experiments") -> dict[
     if not path.is_file():
         known = sorted(p.stem for p in Path(experiments_dir).glob("*.yaml"))
         raise ConfigError(f"unknown recipe {name!r}: {path} does not exist (known recipes: {known})")
-    overrides = _read_yaml(path)
+    overrides = read_yaml(path)
     unknown = sorted(set(overrides) - set(TrainConfig.model_fields))
     if unknown:
         raise ConfigError(f"invalid settings in {path}: {', '.join(unknown)}: unknown key; a recipe may set only "
@@ -400,7 +432,7 @@ def resolve_run(params: Params, kind: Kind, arm: str, train_set: str, recipe: st
             raise ConfigError(f"invalid settings in params.yaml: scratch.{arm}: {problem}")
     else:
         backbone, backbone_name = params.backbone, params.backbone_name
-        model, image_size, dropout, augment = f"vit:{backbone.model}", backbone.crop, 0.0, AugmentConfig()
+        model, image_size, dropout, augment = f"{VIT_PREFIX}{backbone.model}", backbone.crop, 0.0, AugmentConfig()
     return RunConfig(
         study=params.study.name, kind=kind, arm=arm, train_set=train_set, recipe=recipe, seed=seed, model=model,
         image_size=image_size, dropout=dropout, augment=augment, train=train, backbone=backbone,

@@ -96,7 +96,7 @@ def _default_root() -> Path:
     cwd = Path.cwd()
     if (cwd / MANIFEST_DIR).is_dir():
         return cwd
-    checkout = Path(__file__).resolve().parents[2]
+    checkout = Path(__file__).resolve().parents[3]  # src/vit_repro/core/dataset.py
     return checkout if (checkout / MANIFEST_DIR).is_dir() else cwd
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import paper
+from .config import split_vit_name
 
 __all__ = [
     "TABLE1",
@@ -137,28 +137,17 @@ class ViTConfig:
         return self.hidden_dim // self.num_heads
 
 
-_NAME_RE = re.compile(r"^\s*(?:vit-)?(?P<variant>[a-z]+)/(?P<patch>\d+)\s*$", re.IGNORECASE)
-_VARIANT_BY_LOWER = {k.lower(): k for k in TABLE1}
 # Fields a model name fixes; build a ViTConfig directly for anything else.
 _FIXED_BY_NAME = ("patch_size", "image_size", *TABLE1["B"])
 
 
 def parse_model_name(name: str, image_size: int = 224, **overrides) -> ViTConfig:
-    """Config for a named variant, e.g. ``"B/16"``, ``"Ti/16"``, ``"S/14"``, ``"ViT-L/32"``.
+    """Config for a named variant, e.g. ``"B/16"``, ``"Ti/16"``, ``"S/14"``, ``"ViT-L/32"`` (``config.split_vit_name``).
 
     ``overrides`` sets the remaining ``ViTConfig`` fields (``num_classes``, ``dropout``, ...). The
     architecture fields and the patch size come from the name only.
     """
-    valid = ", ".join(f"{v}/<patch>" for v in TABLE1)
-    match = _NAME_RE.match(name) if isinstance(name, str) else None
-    if match is None:
-        raise ValueError(
-            f"malformed model name {name!r}: expected '<variant>/<patch size>' such as 'B/16' "
-            f"(optionally prefixed 'ViT-'); valid variants: {valid}"
-        )
-    variant = _VARIANT_BY_LOWER.get(match["variant"].lower())
-    if variant is None:
-        raise ValueError(f"unknown model variant {match['variant']!r} in {name!r}; valid variants: {valid}")
+    variant, patch = split_vit_name(name)  # the image size is checked by ViTConfig
     fixed = sorted(set(overrides) & set(_FIXED_BY_NAME))
     if fixed:
         raise ValueError(
@@ -168,11 +157,6 @@ def parse_model_name(name: str, image_size: int = 224, **overrides) -> ViTConfig
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ViTConfig)})
     if unknown:
         raise ValueError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
-    patch = int(match["patch"])
-    if patch <= 0:
-        raise ValueError(f"patch size must be positive in {name!r}")
-    if image_size % patch != 0:
-        raise ValueError(f"image size {image_size} is not divisible by patch size {patch} (model {name!r})")
     return ViTConfig(image_size=image_size, patch_size=patch, **TABLE1[variant], **overrides)
 
 
