@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import DvcRepo, clean_env
+from vit_repro.stage import HOLD_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,6 +157,29 @@ class Background:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
+
+
+@dataclass
+class Hold:
+    """``$VIT_REPRO_HOLD`` of a repository: its train stage waits after one epoch of one run (``stage._Held``)."""
+
+    file: Path
+
+    def is_held(self) -> bool:
+        return self.file.with_name(self.file.name + ".held").exists()
+
+    def release(self) -> None:
+        self.file.unlink(missing_ok=True)
+        self.file.with_name(self.file.name + ".held").unlink(missing_ok=True)
+
+
+def hold_at(repo: DvcRepo, folder: Path, run_name: str, epoch: int) -> Hold:
+    """Make ``repo``'s train stage wait after ``epoch`` of ``run_name`` (checkpoint saved) until released or killed."""
+    hold = Hold(folder / "hold")
+    hold.release()
+    hold.file.write_text(f"{run_name} {epoch}\n")
+    repo.env[HOLD_ENV] = str(hold.file)
+    return hold
 
 
 def staging_areas(repo: DvcRepo) -> list[Path]:

@@ -26,11 +26,24 @@ from typing import Any
 HOST = "127.0.0.1"
 
 
+PORTS_PER_WORKER = 1000  # below Linux's ephemeral range (32768-60999), so no client socket takes them either
+_next_port: dict[str, int] = {}
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now, from a range of its own per pytest-xdist worker: two workers never
+    start servers on one port (a server that lost the race could otherwise be mistaken for the other's)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    first = 20000 + PORTS_PER_WORKER * int(worker.removeprefix("gw") or 0)
+    for port in range(_next_port.get(worker, first), first + PORTS_PER_WORKER):
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _next_port[worker] = port + 1
+        return port
+    raise AssertionError(f"no free port in {first}-{first + PORTS_PER_WORKER - 1} for {worker}")
 
 
 def http(url: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> tuple[int, bytes]:

@@ -37,7 +37,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import TrainedStudy
-from helpers import (ARM, DATASET, STAGE, VARIANT, Background, assert_git_clean, checkpoint,
+from helpers import (ARM, DATASET, STAGE, VARIANT, Background, assert_git_clean, checkpoint, hold_at,
                      edit_params, error_line, free_port, outputs, parent_runs, results, seed_runs, snapshot,
                      staging_areas, vit_repro)
 
@@ -110,9 +110,10 @@ def test_sigint_then_sigkill_keep_outputs_and_the_rerun_resumes(trained_study: T
     before = outputs(repo)
     force = ("repro", "--force", "--single-item", STAGE)
 
-    # 1. Ctrl-C while seed 1 trains, once its first epoch is checkpointed (seed 0 is finished in the staging area)
+    # 1. Ctrl-C while seed 1 trains, held after its first epoch's checkpoint (seed 0 is finished in the staging area)
+    hold = hold_at(repo, tmp_path, f"{VARIANT}/seed1", 1)
     run = Background(repo, *force, log=tmp_path / "sigint.log")
-    run.wait_for(lambda: checkpoint(repo, 1) is not None, "a checkpoint of seed 1")
+    run.wait_for(hold.is_held, "seed 1 held after epoch 1")
     rc = run.signal(signal.SIGINT)
     assert rc != 0, run.text()[-3000:]
     assert "interrupted: the MLflow run ended as KILLED" in run.text(), run.text()[-3000:]
@@ -125,10 +126,12 @@ def test_sigint_then_sigkill_keep_outputs_and_the_rerun_resumes(trained_study: T
 
     # 2. SIGKILL of everything (DVC too) once the resumed seed 1 has checkpointed its second epoch
     first = checkpoint(repo, 1).stat().st_mtime_ns
+    hold = hold_at(repo, tmp_path, f"{VARIANT}/seed1", 2)
     run = Background(repo, *force, log=tmp_path / "sigkill.log")
-    run.wait_for(lambda: (p := checkpoint(repo, 1)) is not None and p.stat().st_mtime_ns != first,
-                 "a second checkpoint of seed 1")
+    run.wait_for(hold.is_held, "seed 1 held after epoch 2")
+    assert checkpoint(repo, 1).stat().st_mtime_ns != first
     run.signal(signal.SIGKILL)
+    hold.release()
     log = run.text()
     assert f"{VARIANT}/seed0: already trained in this stage's staging area, kept" in log, log[-3000:]
     assert f"{VARIANT}/seed1 epoch 1/" not in log, log[-3000:]  # resumed after epoch 1, not trained again
@@ -160,9 +163,12 @@ def test_killed_run_is_closed_and_its_stale_checkpoint_removed_after_a_parameter
         trained_study: TrainedStudy, tmp_path: Path) -> None:
     started = time.monotonic()
     repo = trained_study.copy(tmp_path / "repo")
+    hold = hold_at(repo, tmp_path, f"{VARIANT}/seed0", 1)
     run = Background(repo, "repro", "--force", "--single-item", STAGE, log=tmp_path / "killed.log")
-    run.wait_for(lambda: checkpoint(repo, 0) is not None, "a checkpoint of seed 0")
+    run.wait_for(hold.is_held, "seed 0 held after epoch 1")
+    assert checkpoint(repo, 0) is not None
     run.signal(signal.SIGKILL)
+    hold.release()
     (stale,) = staging_areas(repo)
     old_parent = parent_runs(repo)[0]
     assert old_parent.info.status == "RUNNING" and seed_runs(repo)[0].info.status == "RUNNING"

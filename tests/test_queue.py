@@ -45,9 +45,18 @@ def seed_runs(store: Path) -> list[dict]:
     return [dict(zip(keys, row), final_test_acc=final.get(row[0])) for row in rows]
 
 
-def queue_status(repo: DvcRepo) -> dict[str, str]:
-    """{experiment name: Queued | Running | Success | Failed ...} from `dvc queue status`."""
-    out = repo.dvc("queue", "status").stdout
+def queue_status(repo: DvcRepo, attempts: int = 5) -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed ...} from `dvc queue status`.
+
+    While a worker writes its state file, `dvc queue status` can read it half-written and exit 255
+    ("Expecting value: line 1 column 1"): that is retried, a second apart; a lasting failure is not."""
+    for attempt in range(attempts):
+        proc = repo.dvc("queue", "status", check=False)
+        if proc.returncode == 0:
+            break
+        assert attempt + 1 < attempts, f"dvc queue status failed {attempts} times: {proc.stdout}{proc.stderr}"
+        time.sleep(1)
+    out = proc.stdout
     return {cols[1]: cols[-1] for line in out.splitlines() if len(cols := line.split()) >= 4 and cols[1] in VARIANTS}
 
 

@@ -31,8 +31,8 @@ import pytest
 
 from conftest import TrainedStudy
 from servers import HOST, MlflowServer, kill_mlflow
-from helpers import (ARM, STAGE, VARIANT, Background, assert_git_clean, checkpoint, error_line, outputs, results,
-                     staging_areas)
+from helpers import (ARM, STAGE, VARIANT, Background, assert_git_clean, checkpoint, error_line, hold_at, outputs,
+                     results, staging_areas)
 from vit_repro import tracking
 
 pytestmark = pytest.mark.slow
@@ -94,14 +94,16 @@ def test_a_server_that_dies_mid_run_fails_the_stage_within_the_bound_and_the_rer
     repo.env["MLFLOW_TRACKING_URI"] = server.url
     force = ("repro", "--force", "--single-item", STAGE)
 
-    # 3 epochs per seed: kill the server once seed 0's first epoch is logged and checkpointed
+    # 3 epochs per seed: kill the server while seed 0 is held after its first epoch (logged and checkpointed)
+    hold = hold_at(repo, tmp_path, f"{VARIANT}/seed0", 1)
     run = Background(repo, *force, log=tmp_path / "killed.log")
-    run.wait_for(lambda: checkpoint(repo, 0) is not None, "seed 0's first checkpoint")
+    run.wait_for(hold.is_held, "seed 0 held after epoch 1")
     if fault == "killed":
         kill_mlflow(server)
     else:
         os.killpg(server.proc.pid, signal.SIGSTOP)
     killed = time.monotonic()
+    hold.release()
     try:
         rc = run.proc.wait(timeout=tracking.REQUEST_BOUND_S + 240)
     except subprocess.TimeoutExpired:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .core.run import ArmData, Context, Observer, backbone_record, train_run
 from .core.splits import read_splits
 
 Log = Callable[[str], None]
+HOLD_ENV = "VIT_REPRO_HOLD"  # a file reading "<run name> <epoch>": the stage waits after that epoch while it does
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def run_arm(params: Params, kind: Kind, arm: str, paths: Paths, experiments: Pat
             ctx = Context(provenance(paths.root, device), data_info(splits, paths.prepared, paths.root),
                           backbone_record(features) if features is not None else None)
             data = ArmData(kind, splits, paths.prepared, configs[0].image_size, features, paths.cache)
-            tracker = _tracker(params, paths, log) if rank == 0 else None
+            tracker = _tracker(params, arm, paths, log) if rank == 0 else None
             stage = Stage(params, data, ctx, device, tracker, staging, progress, partial=only is not None)
             records = _run_all(stage, configs, log)
     finally:
@@ -144,10 +146,10 @@ def run_arm(params: Params, kind: Kind, arm: str, paths: Paths, experiments: Pat
     return records
 
 
-def _tracker(params: Params, paths: Paths, log: Log) -> tracking.Tracker:
+def _tracker(params: Params, arm: str, paths: Paths, log: Log) -> tracking.Tracker:
     tracker = tracking.Tracker(f"vit-repro/{params.study.name}", paths.root)
     if tracker.closed:
-        log(f"marked {len(tracker.closed)} run(s) left RUNNING by a dead process as FAILED")
+        log(f"{arm}: marked {len(tracker.closed)} run(s) left RUNNING by a dead process as FAILED")
     return tracker
 
 
@@ -199,11 +201,31 @@ def _run_one(stage: Stage, cfg: RunConfig, parent: str, log: Log) -> RunRecord:
         return record
     checkpoint = Checkpoint(out.with_name(f"{out.name}.checkpoint.pt"), stage.staging.name) if cfg.train.checkpoint else None
     observer = tracking.RunObserver(stage.tracker, parent, stage.ctx) if stage.tracker else Observer()
+    if os.environ.get(HOLD_ENV):
+        observer = _Held(observer, cfg.run_name, Path(os.environ[HOLD_ENV]))
     record = train_run(cfg, stage.data, stage.ctx, stage.device, out, checkpoint, observer, stage.progress).record
     t = record.test
     log(f"{cfg.run_name}: test balanced accuracy {t.balanced_accuracy:.4f}, accuracy {t.accuracy:.4f} "
         f"({t.correct}/{t.images}), loss {t.loss:.4f}, {record.provenance.wall_time_s:.1f}s")
     return record
+
+
+class _Held:
+    """Another observer, and after each epoch a wait while the file named by ``$VIT_REPRO_HOLD`` reads
+    "<this run's name> <this epoch>", touching "<file>.held" meanwhile. The epoch's checkpoint is saved and
+    logged by then, so a test (or a person) can signal or inspect the stage at a known state, however fast
+    this machine trains."""
+
+    def __init__(self, inner: Observer, run_name: str, hold: Path) -> None:
+        self.inner, self.run_name, self.hold = inner, run_name, hold
+        self.run, self.finish = inner.run, inner.finish
+
+    def epoch(self, history) -> None:
+        self.inner.epoch(history)
+        epoch = str(int(history.epochs[-1]["epoch"]))
+        while self.hold.is_file() and self.hold.read_text().split() == [self.run_name, epoch]:
+            self.hold.with_name(self.hold.name + ".held").touch()
+            time.sleep(0.05)
 
 
 def _finished(out: Path) -> RunRecord | None:
