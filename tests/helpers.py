@@ -194,14 +194,14 @@ def checkpoint(repo: DvcRepo, seed: int) -> Path | None:
 def seed_runs(repo: DvcRepo) -> list:
     client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
     exp = client.get_experiment_by_name(EXPERIMENT)
-    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`vit.kind` = 'seed'",
+    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`vit.role` = 'seed'",
                                                      order_by=["attributes.start_time ASC"])
 
 
 def parent_runs(repo: DvcRepo) -> list:
     client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
     exp = client.get_experiment_by_name(EXPERIMENT)
-    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`vit.kind` = 'variant'",
+    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`vit.role` = 'variant'",
                                                      order_by=["attributes.start_time ASC"])
 
 

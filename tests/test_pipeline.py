@@ -48,7 +48,7 @@ def client(repo: DvcRepo):
 def runs_of(repo: DvcRepo, kind: str) -> list:
     c = client(repo)
     exp = c.get_experiment_by_name("vit-repro/cpu")
-    return c.search_runs([exp.experiment_id], filter_string=f"tags.`vit.kind` = '{kind}'", max_results=5000)
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`vit.role` = '{kind}'", max_results=5000)
 
 
 def expected(repo: DvcRepo):

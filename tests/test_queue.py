@@ -37,7 +37,7 @@ def seed_runs(store: Path) -> list[dict]:
     with sqlite3.connect(store) as db:
         rows = db.execute(
             "SELECT r.run_uuid, r.name, r.status, r.start_time, r.end_time, p.value FROM runs r "
-            "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'vit.kind' AND t.value = 'seed' "
+            "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'vit.role' AND t.value = 'seed' "
             "LEFT JOIN params p ON p.run_uuid = r.run_uuid AND p.key = 'train.lr'"
         ).fetchall()
         final = dict(db.execute("SELECT run_uuid, value FROM latest_metrics WHERE key = 'final_test_accuracy'").fetchall())

@@ -71,7 +71,7 @@ def test_a_server_that_never_answers_fails_training_within_seconds(trained_study
 
 def api_runs(server: MlflowServer, experiment_id: str, kind: str) -> list[dict]:
     found = server.api("runs/search", body={"experiment_ids": [experiment_id], "max_results": 1000,
-                                            "filter": f"tags.`vit.kind` = '{kind}'",
+                                            "filter": f"tags.`vit.role` = '{kind}'",
                                             "order_by": ["attributes.start_time ASC"]})
     return found.get("runs", [])
 

@@ -49,7 +49,7 @@ def experiment(ui: MlflowServer) -> dict:
 
 def runs(ui: MlflowServer, experiment_id: str, kind: str) -> list[dict]:
     return ui.api("runs/search", body={"experiment_ids": [experiment_id], "max_results": 1000,
-                                       "filter": f"tags.`vit.kind` = '{kind}'"}).get("runs", [])
+                                       "filter": f"tags.`vit.role` = '{kind}'"}).get("runs", [])
 
 
 def test_the_experiment_is_a_training_experiment_with_parents_that_summarise_their_seeds(

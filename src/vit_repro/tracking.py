@@ -307,7 +307,7 @@ class Tracker:
     def _parent(self, variant: str, config_digest: str, params: Mapping[str, str], tags: Mapping[str, str],
                 description: str) -> str:
         query = (f"tags.`vit.variant` = '{variant}' AND tags.`vit.config_digest` = '{config_digest}' "
-                 "AND tags.`vit.kind` = 'variant'")
+                 "AND tags.`vit.role` = 'variant'")
         found = self.client.search_runs([self.experiment_id], query, max_results=1)
         if found:
             run_id = found[0].info.run_id
@@ -315,7 +315,7 @@ class Tracker:
             self._log(run_id, tags=_process_tags())
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=f"{variant} · {config_digest[:8]}",
-                                     tags={**tags, **_process_tags(), "vit.kind": "variant",
+                                     tags={**tags, **_process_tags(), "vit.role": "variant",
                                            "vit.config_digest": config_digest, "mlflow.note.content": description})
         self._log(run.info.run_id, params=params)
         return run.info.run_id
@@ -325,7 +325,7 @@ class Tracker:
         """A seed's run under ``parent_id``: FINISHED, FAILED (an error) or KILLED (Ctrl-C, SIGTERM) at the end."""
         with self._answering(f"starting the run {name}"):
             run = self.client.create_run(self.experiment_id, run_name=name, tags={
-                **tags, **_process_tags(), "vit.kind": "seed", "mlflow.parentRunId": parent_id})
+                **tags, **_process_tags(), "vit.role": "seed", "mlflow.parentRunId": parent_id})
             handle = RunHandle(run.info.run_id, parent_id)
             self._log(handle.run_id, params=params)
 
@@ -413,7 +413,7 @@ def run_tags(cfg: RunConfig, ctx: Context) -> dict[str, str]:
     """What a seed's run is tagged with: what it is (study, arm, variant, recipe, seed) and what produced it."""
     t, p, d = cfg.train, ctx.provenance, ctx.data
     return {
-        "vit.study": cfg.study, "vit.kind": "seed", "vit.arm": cfg.arm, "vit.variant": cfg.variant,
+        "vit.study": cfg.study, "vit.role": "seed", "vit.arm": cfg.arm, "vit.variant": cfg.variant,
         "vit.train_set": cfg.train_set, "vit.recipe": cfg.recipe, "vit.seed": str(cfg.seed), "vit.model": cfg.model,
         "vit.warmup": str(t.warmup), "vit.decay": t.decay, "vit.clip": str(t.clip_grad_norm),
         "vit.config_digest": digest(cfg.model_dump(mode="json", exclude={"seed"})),
@@ -445,7 +445,7 @@ def variant_summary(records: list[RunRecord]) -> dict[str, float]:
 
 def open_variant(tracker: Tracker, cfg: RunConfig, ctx: Context, about: str, seeds: int) -> str:
     """The parent run of ``cfg``'s variant and configuration (found or created); its id."""
-    tags = {k: v for k, v in run_tags(cfg, ctx).items() if k not in ("vit.seed", "vit.kind")}
+    tags = {k: v for k, v in run_tags(cfg, ctx).items() if k not in ("vit.seed", "vit.role")}
     description = (f"{cfg.variant}: arm `{cfg.arm}` ({' '.join(about.split())}), recipe `{cfg.recipe}`, "
                    f"{cfg.train_set} training images; {seeds} seeds nested below. "
                    f"Configuration digest {tags['vit.config_digest']}.")
