@@ -109,6 +109,30 @@ def test_compute_features_over_splits_writes_the_key_and_ids(
     assert frozen.load_features(tmp_path / "fewer").ids == tuple(i.sha256 for i in fewer.all_images())
 
 
+def test_fp32_features_are_the_same_bits_whatever_the_kernels(tiny_backbone, tiny_splits, prepared_root: Path) -> None:
+    """Another CPU kind sums in another order; switching oneDNN off, a thread count and a batch size are the proxies
+    this machine has. float32 arithmetic changes bits under them; the stored features (float64, on a grid) do not."""
+    _, pretrained = tiny_backbone
+    model, _ = frozen.load_backbone(pretrained, 3)
+    transform = pretrained_transform(32, 32, "bilinear")
+    pixels = load_images(Subset("study", tiny_splits.all_images()), prepared_root, transform).pixels
+    threads = torch.get_num_threads()
+    try:
+        reference = frozen.extract_features(model, pixels, transform, CPU)
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert torch.equal(frozen.extract_features(model, pixels, transform, CPU, batch_size=5), reference)
+        torch.set_num_threads(1)
+        assert torch.equal(frozen.extract_features(model, pixels, transform, CPU, batch_size=3), reference)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(torch.round(reference / frozen.FEATURE_GRID) * frozen.FEATURE_GRID, reference)  # on the grid
+    with torch.inference_mode():
+        float32 = model.float().forward_features(transform.to_input(pixels))
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not torch.equal(model.forward_features(transform.to_input(pixels)), float32)  # the proxy bites
+    assert (float32 - reference).abs().max() < 4 * frozen.FEATURE_GRID  # the grid costs nothing beyond float32's noise
+
+
 def test_features_select(computed, tiny_splits, splits) -> None:
     features = frozen.load_features(computed["fp32"])
     row = {sha: k for k, sha in enumerate(features.ids)}

@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         raise SystemExit(subprocess.call([*launch, "-m", "vit_repro.cli", *sys.argv[1:]]))
     from .core.config import resolve_study
-    from .plan import estimate_lines
+    from .bench.estimate import estimate_lines
     from .stage import Paths, run_arm
 
     params = _params(args)
@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_check(args: argparse.Namespace) -> None:
     from .core.config import resolve_study
     from .core.devices import check_precision, resolve_device
-    from .plan import estimate_lines
+    from .bench.estimate import estimate_lines
 
     params = _params(args)
     runs = resolve_study(params, args.experiments)

@@ -96,7 +96,7 @@ def load_predictor(run_id: str | None = None, weights_dir: Path | None = None,
         model = build_model(card["model"], card["image_size"], len(classes))
         model.load_state_dict(state)
         return Predictor(model.eval(), ImageTransform(resize=(card["image_size"], card["image_size"])), classes)
-    from .backbone import BackboneError, load_backbone
+    from .core.features import BackboneError, load_backbone
 
     try:
         model, info = load_backbone(pretrained_dir, num_classes=len(classes))

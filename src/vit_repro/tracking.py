@@ -387,15 +387,13 @@ class Tracker:
         with self._answering(f"logging epoch {int(epochs[-1]['epoch']) if epochs else '?'}'s metrics"):
             self._log(run_id, metrics=metrics, tags={"vit.heartbeat": f"{time.time():.0f}"})
 
-    def finish(self, run_id: str, final: Mapping[str, float], folder: Path, weights: Path | None) -> str | None:
-        """Final metrics, the run folder's files, and weights if given; returns the weights' artifact path."""
+    def finish(self, run_id: str, final: Mapping[str, float], folder: Path, weights: Path | None) -> None:
+        """Final metrics, the run folder's files, and a weights folder outside it if given (as ``weights/``)."""
         with self._answering("logging the run's final metrics and files"):
             self._log(run_id, metrics=[(k, v, 0) for k, v in final.items()])
             self.client.log_artifacts(run_id, str(folder))
-            if weights is None:
-                return None
-            self.client.log_artifacts(run_id, str(weights), "weights")
-        return "weights/model.safetensors"
+            if weights is not None:
+                self.client.log_artifacts(run_id, str(weights), "weights")
 
     def finish_parent(self, parent_id: str, summary: Mapping[str, float]) -> None:
         """The variant's summary metrics (over its finished seeds); the parent ends FINISHED, spanning them."""

@@ -69,16 +69,27 @@ def load_backbone(pretrained_dir: Path, num_classes: int) -> tuple[VisionTransfo
     return model.eval(), info
 
 
+FEATURE_GRID = 2.0**-16  # fp32 features are stored on this grid (about 1.5e-5; the features are of order 1)
+
+
 @torch.inference_mode()
 def extract_features(model: VisionTransformer, pixels: torch.Tensor, transform: ImageTransform, device: torch.device,
                      batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
-    """Class-token features (N, D) of uint8 images (N, 3, H, W), in float32 whatever the compute precision."""
-    model.eval().to(device)
+    """Class-token features (N, D) of uint8 images (N, 3, H, W), returned in float32.
+
+    ``fp32``: computed in float64 and rounded to multiples of ``FEATURE_GRID``, so that they are the same
+    bits on any CPU: float32 sums in a kernel-dependent order and differs in its last bits from one CPU kind
+    to another (and so would every hash of the features), float64's differences are far below the grid.
+    ``bf16``: bfloat16 autocast, as it comes (fast; the bits then depend on the hardware).
+    """
+    exact = precision == "fp32"
+    model.eval().to(device, torch.float64 if exact else None)
     out = []
     for start in range(0, len(pixels), batch_size):
         batch = transform.to_input(pixels[start : start + batch_size].to(device, non_blocking=True))
         with autocast(device, precision):
-            out.append(model.forward_features(batch).float().cpu())
+            vectors = model.forward_features(batch.double() if exact else batch).cpu()
+        out.append((torch.round(vectors / FEATURE_GRID) * FEATURE_GRID if exact else vectors).float())
     return torch.cat(out)
 
 

@@ -33,7 +33,8 @@ from .schedule import Schedule
 from .splits import Splits
 from .train import Data, Evaluation, History, Hooks, Task, evaluate, fit, fit_logistic
 
-WEIGHTS = "weights/model.safetensors"  # a kept run's weights, as logged beside its folder's files
+WEIGHTS_DIR = "weights"  # a kept run's model.safetensors and model.json: in a frozen run's folder, in MLflow for all
+WEIGHTS = f"{WEIGHTS_DIR}/model.safetensors"
 
 
 class ArmData:
@@ -178,11 +179,17 @@ def train_run(cfg: RunConfig, data: ArmData, ctx: Context, device: torch.device,
 
 
 def _write(result: RunResult, data: ArmData, out: Path, observer: Observer) -> None:
-    """The run folder, written whole; the observer sees it (and the weights, if kept) before it is swapped in."""
+    """The run folder, written whole; the observer sees it (and a kept model's weights) before it is swapped in.
+
+    A frozen head's weights (a few KB) are part of its folder, ``weights/``; a kept scratch model's (megabytes)
+    are only handed to the observer, from a folder beside it."""
     record = result.record
     with staged_dir(out) as tmp:
         write_run(tmp, record, result.history, result.test, data.splits.test.ids)
-        weights = _weights(record, result.model, data, tmp) if keeps_weights(record.config) else None
+        if record.config.kind == "frozen":
+            _weights(record, result.model, data, tmp / WEIGHTS_DIR)
+        weights = (_weights(record, result.model, data, tmp.with_name(tmp.name + ".weights"))
+                   if record.config.kind == "scratch" and keeps_weights(record.config) else None)
         observer.finish(record, tmp, weights)
         if weights is not None:
             shutil.rmtree(weights)
@@ -222,12 +229,11 @@ def _record(cfg: RunConfig, data: ArmData, ctx: Context, fitted: _Fitted, clock:
     )
 
 
-def _weights(record: RunRecord, model: torch.nn.Module, data: ArmData, folder: Path) -> Path:
-    """``model.safetensors`` and ``model.json`` (what ``vit-repro predict`` needs) in a folder beside the run's."""
+def _weights(record: RunRecord, model: torch.nn.Module, data: ArmData, weights: Path) -> Path:
+    """``model.safetensors`` and ``model.json``, what ``vit-repro predict`` needs, in the new folder ``weights``."""
     from safetensors.torch import save_file
 
     cfg = record.config
-    weights = folder.with_name(folder.name + ".weights")
     weights.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights / "model.safetensors")
     write_json(weights / "model.json", {

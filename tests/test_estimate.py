@@ -1,4 +1,4 @@
-"""Tests of the time estimate (src/vit_repro/plan.py) against a synthetic benchmark results file: the arithmetic can
+"""Tests of the time estimate (src/vit_repro/bench/estimate.py) against a synthetic benchmark results file: the arithmetic can
 be checked by hand, and without a matching benchmark it says so instead of giving a number."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from vit_repro import plan
+from vit_repro.bench import estimate
 from vit_repro.core.config import load_params
 
 PARAMS = {
@@ -70,8 +70,8 @@ def results_doc(key: dict, **changes) -> dict:
 
 def test_estimate_is_the_hand_arithmetic(study) -> None:
     params, experiments, splits, results = study
-    (results / "cpu.json").write_text(json.dumps(results_doc(plan.machine_key(torch.device("cpu")))))
-    lines = plan.estimate_lines(params, experiments, results_dir=results, splits_dir=splits)
+    (results / "cpu.json").write_text(json.dumps(results_doc(estimate.machine_key(torch.device("cpu")))))
+    lines = estimate.estimate_lines(params, experiments, results_dir=results, splits_dir=splits)
     source = f"({results / 'cpu.json'}, measured 2026-12-01)"
     # 225 images: round(2250 / 225) = 10 epochs x 7 steps x 32 = 2240 images; test 211 once (epoch 10) + the final
     #   test 211 + train 225 = 647 evaluated. 450 images: 5 epochs x 14 steps x 32 = 2240; 211 (the last epoch) +
@@ -86,20 +86,19 @@ def test_estimate_is_the_hand_arithmetic(study) -> None:
         f"estimate: train-frozen@probe 2 runs ≈ 8 s: 4 s per probe run (fit only) {source}",
         f"estimate: total ≈ 5 min for 4 stages {source}",
     ]
-    assert plan.format_duration(329.88) == "5 min" and plan.format_duration(2 * 3600) == "2.0 h"
+    assert estimate.format_duration(329.88) == "5 min" and estimate.format_duration(2 * 3600) == "2.0 h"
 
     # one arm: no features stage (it is a stage of its own) and no total
-    assert plan.estimate_lines(params, experiments, arms=["vit"], results_dir=results, splits_dir=splits) == [lines[1]]
-    # without the frozen section's per-run seconds, the study section's head run (fit only) is used
-    (results / "cpu.json").write_text(json.dumps(results_doc(plan.machine_key(torch.device("cpu")), frozen={})))
-    head = plan.estimate_lines(params, experiments, arms=["head"], results_dir=results, splits_dir=splits)
-    assert head == [f"estimate: train-frozen@head 3 runs ≈ 0 s: 0.1 s per head run (fit only, without MLflow "
-                    f"logging) {source}"]
+    assert estimate.estimate_lines(params, experiments, arms=["vit"], results_dir=results, splits_dir=splits) == [lines[1]]
+    # a results file of this benchmark (no frozen section, which format 2 had): the study section's head run
+    (results / "cpu.json").write_text(json.dumps(results_doc(estimate.machine_key(torch.device("cpu")), frozen={})))
+    head = estimate.estimate_lines(params, experiments, arms=["head"], results_dir=results, splits_dir=splits)
+    assert head == [f"estimate: train-frozen@head 3 runs ≈ 0 s: 0.1 s per head run (fit only) {source}"]
 
 
 def test_the_newest_matching_file_is_used_and_other_machines_are_ignored(study) -> None:
     params, experiments, splits, results = study
-    key = plan.machine_key(torch.device("cpu"))
+    key = estimate.machine_key(torch.device("cpu"))
     other = key | {"logical_cores": key["logical_cores"] + 1}
     old = results_doc(key, environment={"date": "2026-01-01T00:00:00+00:00"})
     old["study"]["scratch"][0]["train_img_per_s"] = 1.0
@@ -107,27 +106,27 @@ def test_the_newest_matching_file_is_used_and_other_machines_are_ignored(study) 
     (results / "b-other.json").write_text(json.dumps(results_doc(other, environment={"date": "2027-01-01"})))
     (results / "c-new.json").write_text(json.dumps(results_doc(key)))
     (results / "d-not-a-benchmark.json").write_text("[1, 2]")
-    path, doc = plan.find_results(key, results)
+    path, doc = estimate.find_results(key, results)
     assert path.name == "c-new.json" and doc["study"]["scratch"][0]["train_img_per_s"] == 32.0
-    [line] = plan.estimate_lines(params, experiments, arms=["vit"], results_dir=results, splits_dir=splits)
+    [line] = estimate.estimate_lines(params, experiments, arms=["vit"], results_dir=results, splits_dir=splits)
     assert "c-new.json" in line and "at 32 img/s" in line
 
 
 def test_no_matching_benchmark_gives_no_number(study) -> None:
     params, experiments, splits, results = study
-    key = plan.machine_key(torch.device("cpu"))
-    command = f"`vit-repro bench --sections study --out {results / plan.machine_slug(key)}.json`"
+    key = estimate.machine_key(torch.device("cpu"))
+    command = f"`vit-repro bench --sections study --out {results / estimate.machine_slug(key)}.json`"
     (results / "gpu.json").write_text(json.dumps(results_doc({"device_type": "cuda", "gpu_name": "NVIDIA H200"})))
-    lines = plan.estimate_lines(params, experiments, results_dir=results, splits_dir=splits)
-    assert lines == [f"estimate: no benchmark of this machine ({plan.describe_machine(key)}) in {results}; measure it "
+    lines = estimate.estimate_lines(params, experiments, results_dir=results, splits_dir=splits)
+    assert lines == [f"estimate: no benchmark of this machine ({estimate.describe_machine(key)}) in {results}; measure it "
                      f"with {command} (a few minutes)"]
-    assert plan.describe_machine(key).startswith(f"cpu {key['cpu_model']}, {key['logical_cores']} logical cores")
+    assert estimate.describe_machine(key).startswith(f"cpu {key['cpu_model']}, {key['logical_cores']} logical cores")
 
     # a matching file that lacks the arm's (model, size, precision): that stage and the total have no number
     doc = results_doc(key)
     doc["study"]["scratch"][0]["image_size"] = 224
     (results / "cpu.json").write_text(json.dumps(doc))
-    lines = plan.estimate_lines(params, experiments, results_dir=results, splits_dir=splits)
+    lines = estimate.estimate_lines(params, experiments, results_dir=results, splits_dir=splits)
     vit = next(line for line in lines if "@vit" in line)
     assert vit == (f"estimate: train-scratch@vit 4 runs: no benchmark of vit:Ti/16 at 64 px fp32 in "
                    f"{results / 'cpu.json'}; measure it with {command}")
@@ -137,17 +136,21 @@ def test_no_matching_benchmark_gives_no_number(study) -> None:
 
 def test_without_splits_the_counts_are_upper_bounds_and_said_to_be(study, tmp_path: Path) -> None:
     params, experiments, _, results = study
-    (results / "cpu.json").write_text(json.dumps(results_doc(plan.machine_key(torch.device("cpu")))))
-    lines = plan.estimate_lines(params, experiments, results_dir=results, splits_dir=tmp_path / "none")
+    (results / "cpu.json").write_text(json.dumps(results_doc(estimate.machine_key(torch.device("cpu")))))
+    lines = estimate.estimate_lines(params, experiments, results_dir=results, splits_dir=tmp_path / "none")
     # the archives: 225 + 450 training and 75 + 150 test images, 900 in all
     assert lines[0].startswith("estimate: features ≈ 14 s: 900 images at 66.1 img/s")
     assert lines[-1].startswith("estimate: image counts at most:") and "dvc repro splits" in lines[-1]
 
 
 def test_machine_keys() -> None:
-    cpu = plan.machine_key(torch.device("cpu"))
-    assert cpu == {"device_type": "cpu", "cpu_model": plan.cpu_model(), "logical_cores": plan.logical_cores(),
-                   "isa": plan.cpu_isa()}
-    assert set(cpu["isa"]) <= set(plan.ISA_FLAGS)
-    assert plan.machine_slug(cpu) == f"cpu-{cpu['logical_cores']}core"
-    assert plan.machine_slug({"device_type": "cuda", "gpu_name": "NVIDIA H200"}) == "cuda-nvidia-h200"
+    cpu = estimate.machine_key(torch.device("cpu"))
+    assert cpu == {"device_type": "cpu", "cpu_model": estimate.cpu_model(), "logical_cores": estimate.logical_cores(),
+                   "isa": estimate.cpu_isa()}
+    assert set(cpu["isa"]) <= set(estimate.ISA_FLAGS)
+    assert estimate.machine_slug(cpu).startswith(f"cpu-{cpu['logical_cores']}core")
+    slug = {(): "cpu-2core", ("avx2",): "cpu-2core-avx2", ("avx2", "avx512f"): "cpu-2core-avx512",
+            ("avx2", "avx512f", "avx512_bf16"): "cpu-2core-avx512bf16", ("avx2", "amx_tile"): "cpu-2core-amx"}
+    for isa, name in slug.items():
+        assert estimate.machine_slug(cpu | {"logical_cores": 2, "isa": list(isa)}) == name
+    assert estimate.machine_slug({"device_type": "cuda", "gpu_name": "NVIDIA H200"}) == "cuda-nvidia-h200"
