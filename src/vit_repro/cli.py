@@ -67,7 +67,7 @@ def cmd_pretrained(args: argparse.Namespace) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> None:
-    from .backbone import compute_features
+    from .core.features import compute_features
     from .core.devices import check_precision, resolve_device
     from .core.splits import read_splits
 
