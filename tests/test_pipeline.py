@@ -60,7 +60,11 @@ def expected(repo: DvcRepo):
 def test_repro_runs_every_stage_and_writes_a_complete_report(study: DvcRepo) -> None:
     for cfg in expected(study):
         folder = study.path / "runs" / cfg.out_dir
-        assert sorted(p.name for p in folder.iterdir()) == ["history.csv", "predictions.csv", "run.json", "steps.csv"]
+        weights = ["weights"] if cfg.kind == "frozen" else []  # a head's few KB travel with its run
+        assert sorted(p.name for p in folder.iterdir()) == ["history.csv", "predictions.csv", "run.json", "steps.csv",
+                                                            *weights]
+        if weights:
+            assert sorted(p.name for p in (folder / "weights").iterdir()) == ["model.json", "model.safetensors"]
         record = json.loads((folder / "run.json").read_text())
         assert record["run_name"] == cfg.run_name and record["provenance"]["dvc_stage"] == f"train-{cfg.kind}@{cfg.arm}"
         assert record["provenance"]["git_dirty"] is False  # DVC's own writes (dvc.lock, runs/) are not code
